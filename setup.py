@@ -1,0 +1,20 @@
+from setuptools import setup
+
+setup(
+    name="fusedlstm",
+    version="0.1.0",
+    description="A drop-in keras.layers.LSTM whose recurrence runs in one fused Numba kernel.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fusedlstm", "fusedlstm.kernels"],
+    package_dir={"fusedlstm": "fusedlstm", "fusedlstm.kernels": "kernels"},
+    install_requires=["keras>=3.14", "numba>=0.60", "numpy", "scipy"],
+    extras_require={
+        "tensorflow": ["tensorflow>=2.16"],
+        "tensorflow-cpu": ["tensorflow-cpu>=2.16"],
+        "torch": ["torch>=2.2"],
+        "cuda": ["numba-cuda[cu13]>=0.30"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "h5py"],
+    },
+)
