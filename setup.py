@@ -14,7 +14,9 @@ setup(
         "tensorflow": ["tensorflow>=2.16"],
         "tensorflow-cpu": ["tensorflow-cpu>=2.16"],
         "torch": ["torch>=2.2"],
+        "torch-cpu": ["torch==2.13.0"],
         "cuda": ["numba-cuda[cu13]>=0.30"],
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "h5py"],
+        "cli": ["matplotlib", "statsmodels"],
     },
 )

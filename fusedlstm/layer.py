@@ -31,7 +31,7 @@ class LSTM(keras.layers.LSTM):
        `"sigmoid"`, `"hard_sigmoid"`, `"relu"`, `"linear"` and
        `"softsign"` (given by name or as the `keras.activations` function).
     3. `unroll` is `False`.
-    4. The Keras backend is TensorFlow.
+    4. The Keras backend is TensorFlow or PyTorch.
 
     Everything else runs fused: `use_bias=False`, `unit_forget_bias`,
     `return_sequences`, `return_state`, `go_backwards`, `stateful`,
@@ -187,26 +187,32 @@ class LSTM(keras.layers.LSTM):
 
     def _fused_loop(self, sequences, initial_state, mask, training):
         cell = self.cell
-        xw = self._input_projection(sequences, training)
+        x = ops.transpose(ops.cast(sequences, "float32"), (1, 0, 2))
         if mask is not None:
             mask = ops.transpose(ops.cast(mask, "bool"))
-            if self.go_backwards:
-                mask = ops.flip(mask, axis=0)
-        recurrent_mask = None
+        if self.go_backwards:
+            x = ops.flip(x, axis=0)
+            mask = None if mask is None else ops.flip(mask, axis=0)
+        input_mask = recurrent_mask = None
+        if training and 0.0 < cell.dropout < 1.0:
+            input_mask = self._per_gate(cell.get_dropout_mask(sequences[:, 0, :]))
         if training and 0.0 < cell.recurrent_dropout < 1.0:
             recurrent_mask = self._per_gate(cell.get_recurrent_dropout_mask(initial_state[0]))
+        units = cell.units
+        bias = cell.bias if cell.use_bias else ops.zeros((4 * units,))
         config = fused_ops.RecurrenceConfig(
             activation=_activation_code(cell.activation),
             recurrent_activation=_activation_code(cell.recurrent_activation),
             zero_output_for_mask=bool(self.zero_output_for_mask),
             training=training,
         )
-        outputs, h, c = fused_ops.recurrence(
-            xw,
-            ops.cast(cell.recurrent_kernel, "float32"),
+        outputs, h, c = fused_ops.lstm_sequence(
+            x,
+            *(ops.cast(w, "float32") for w in (cell.kernel, bias, cell.recurrent_kernel)),
             ops.cast(initial_state[0], "float32"),
             ops.cast(initial_state[1], "float32"),
             mask,
+            input_mask,
             recurrent_mask,
             config,
         )
@@ -216,35 +222,9 @@ class LSTM(keras.layers.LSTM):
             outputs = ops.expand_dims(last_output, 1)
         return last_output, outputs, [h, c]
 
-    def _input_projection(self, sequences, training):
-        """xw [T, N, 4H] = x @ kernel + bias for all timesteps, in float32.
-
-        Input dropout uses the cell's cached masks: one for all gates, or one
-        per gate when the cell draws four (`implementation=1`).
-        """
-        cell = self.cell
-        x = ops.transpose(ops.cast(sequences, "float32"), (1, 0, 2))
-        if self.go_backwards:
-            x = ops.flip(x, axis=0)
-        kernel = ops.cast(cell.kernel, "float32")
-        if training and 0.0 < cell.dropout < 1.0:
-            dropout_mask = cell.get_dropout_mask(sequences[:, 0, :])
-            if isinstance(dropout_mask, (list, tuple)):
-                blocks = ops.split(kernel, 4, axis=1)
-                xw = ops.concatenate(
-                    [ops.matmul(x * ops.cast(m, "float32"), k)
-                     for m, k in zip(dropout_mask, blocks)], axis=-1)
-            else:
-                xw = ops.matmul(x * ops.cast(dropout_mask, "float32"), kernel)
-        else:
-            xw = ops.matmul(x, kernel)
-        if cell.use_bias:
-            xw = xw + ops.cast(cell.bias, "float32")
-        return xw
-
     @staticmethod
     def _per_gate(recurrent_dropout_mask):
-        """[4, N, H] float32 from the cell's one or four recurrent masks."""
+        """[4, N, K] float32 from the cell's one or four cached dropout masks."""
         masks = recurrent_dropout_mask
         if not isinstance(masks, (list, tuple)):
             masks = [masks] * 4

@@ -1,10 +1,11 @@
-"""The fused recurrence as a differentiable op, dispatched to one module per backend.
+"""The fused LSTM sequence op, dispatched to one module per Keras backend.
 
 Each backend module (`ops_tensorflow`, `ops_torch`) exposes
-`recurrence(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, config)` with
-the shapes of `kernels.cpu.lstm_forward`, returning `(outputs, h_n, c_n)`. The
-framework around it computes the input projection and the weight gradients;
-the kernel runs only the sequential part.
+`lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
+recurrent_mask, config)` returning `(outputs, h_n, c_n)`, differentiable with
+respect to the inputs, the three weights and both initial states. The framework
+computes the input projection for all timesteps in one matmul; the kernel runs
+only the sequential part.
 """
 
 import dataclasses
@@ -12,7 +13,7 @@ import dataclasses
 from keras import backend
 from keras import ops
 
-SUPPORTED_BACKENDS = ("tensorflow",)
+SUPPORTED_BACKENDS = ("tensorflow", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,48 +32,40 @@ class RecurrenceConfig:
     training: bool
 
 
-def recurrence(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, config):
-    """Runs the fused recurrence on the active Keras backend.
+def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
+                  recurrent_mask, config):
+    """Runs the fused LSTM over a time-major sequence on the active Keras backend.
 
     Args:
-        xw: [T, N, 4H] float32 input projection, bias included.
-        recurrent_kernel: [H, 4H] float32.
-        h0, c0: [N, H] float32.
+        x: [T, N, C] float32 inputs, in the order the steps run.
+        kernel: [C, 4H]; bias: [4H]; recurrent_kernel: [H, 4H]; all float32.
+        h0, c0: [N, H] float32 initial states.
         mask: [T, N] bool or None.
+        input_mask: [4, N, C] float32 per-gate input dropout masks, or None.
         recurrent_mask: [4, N, H] float32 per-gate recurrent dropout masks, or None.
         config: a `RecurrenceConfig`.
 
     Returns:
-        `(outputs [T, N, H], h_n [N, H], c_n [N, H])`, differentiable with
-        respect to `xw`, `recurrent_kernel`, `h0` and `c0`.
+        `(outputs [T, N, H], h_n [N, H], c_n [N, H])`.
     """
     name = backend.backend()
     if name == "tensorflow":
         from fusedlstm import ops_tensorflow as impl
+    elif name == "torch":
+        from fusedlstm import ops_torch as impl
     else:
         raise ValueError(
             f"The fused LSTM op supports the Keras backends {SUPPORTED_BACKENDS}. "
             f"Received: backend={name!r}"
         )
-    return impl.recurrence(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, config)
+    return impl.lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask,
+                              input_mask, recurrent_mask, config)
 
 
-def recurrent_kernel_grad(h_prev, d_xw, recurrent_mask):
-    """Gradient of `recurrent_kernel` from the per-step pre-activation gradients.
-
-    Args:
-        h_prev: [T, N, H] the hidden state entering each step.
-        d_xw: [T, N, 4H] gradient of the pre-activations.
-        recurrent_mask: [4, N, H] or None.
-
-    Returns:
-        [H, 4H], in one matmul over all steps and rows.
-    """
-    H = ops.shape(h_prev)[-1]
-    if recurrent_mask is None:
-        return ops.matmul(
-            ops.transpose(ops.reshape(h_prev, (-1, H))), ops.reshape(d_xw, (-1, 4 * H))
-        )
-    d_gates = ops.reshape(d_xw, (-1, ops.shape(d_xw)[1], 4, H))
-    grad = ops.einsum("tnh,gnh,tngk->hgk", h_prev, recurrent_mask, d_gates)
-    return ops.reshape(grad, (H, 4 * H))
+def input_projection(x, kernel, bias, input_mask):
+    """xw [T, N, 4H] = x @ kernel + bias, with per-gate input dropout if given."""
+    if input_mask is None:
+        return ops.matmul(x, kernel) + bias
+    blocks = ops.split(kernel, 4, axis=1)
+    projected = [ops.matmul(x * input_mask[g], blocks[g]) for g in range(4)]
+    return ops.concatenate(projected, axis=-1) + bias

@@ -1,10 +1,15 @@
-"""TensorFlow glue: the fused recurrence as a `tf.custom_gradient` op.
+"""TensorFlow glue: the fused LSTM sequence as a `tf.custom_gradient` op.
 
-The kernels run in `tf.numpy_function` callbacks on the CPU; their NumPy host
-drivers allocate the outputs. When the forward pass ran without saving
-(inference), a gradient request recomputes it with saving.
+The projection runs as TF matmuls. On the CPU, the recurrence and all
+gradients run in `tf.numpy_function` callbacks on the CPU kernels, whose NumPy
+host drivers allocate the outputs. On a GPU, the recurrence and its backward
+pass run in `tf.py_function` callbacks, whose GPU kernel hands them the GPU
+tensors as they are, on the CUDA kernels; the weight gradients run as TF
+matmuls on the GPU. When the forward pass ran without saving (inference), a
+gradient request recomputes it with saving.
 """
 
+import contextlib
 import functools
 
 import numpy as np
@@ -12,69 +17,243 @@ import tensorflow as tf
 
 from fusedlstm import ops
 from fusedlstm.kernels import cpu as kernels
+from fusedlstm.kernels.select import select_kernels
 
 _F32 = tf.float32
 
 
-def recurrence(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, config):
-    """See `fusedlstm.ops.recurrence`."""
-    xw, recurrent_kernel, h0, c0 = (
-        tf.convert_to_tensor(t, _F32) for t in (xw, recurrent_kernel, h0, c0))
-    no_mask = tf.zeros([0, tf.shape(xw)[1]], tf.bool)
-    mask_arg = no_mask if mask is None else tf.cast(mask, tf.bool)
-    rmask_arg = tf.zeros([0, 0, 0], _F32) if recurrent_mask is None else recurrent_mask
-    forward = functools.partial(_forward, config)
-    backward = functools.partial(_backward, config)
+def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
+                  recurrent_mask, config):
+    """See `fusedlstm.ops.lstm_sequence`."""
+    x, kernel, bias, recurrent_kernel, h0, c0 = (
+        tf.convert_to_tensor(t, _F32) for t in (x, kernel, bias, recurrent_kernel, h0, c0))
+    batch = tf.shape(x)[1]
+    mask = tf.zeros([0, batch], tf.bool) if mask is None else tf.cast(mask, tf.bool)
+    input_mask = tf.zeros([0, 0, 0], _F32) if input_mask is None else input_mask
+    recurrent_mask = tf.zeros([0, 0, 0], _F32) if recurrent_mask is None else recurrent_mask
+    on_gpu = _uses_cuda_kernels(x)
 
-    def run_forward(xw, u, h0, c0, save):
+    def run_forward(x, kernel, bias, recurrent_kernel, h0, c0, save):
+        xw = ops.input_projection(x, kernel, bias, _none_if_empty_tensor(input_mask))
+        inputs = [xw, recurrent_kernel, h0, c0, mask, recurrent_mask]
         count = 6 if save else 3
-        results = tf.numpy_function(
-            functools.partial(forward, save=save),
-            [xw, u, h0, c0, mask_arg, rmask_arg], [_F32] * count, stateful=False)
-        _set_shapes(results, xw.shape, u.shape[0])
+        if on_gpu:
+            results = _gpu_call(functools.partial(_gpu_forward, config, save), inputs, count)
+        else:
+            results = tf.numpy_function(
+                functools.partial(_forward, config, save), inputs, [_F32] * count,
+                stateful=False)
+        _set_shapes(results, xw.shape, recurrent_kernel.shape[0])
         return results
 
     @tf.custom_gradient
-    def fused(xw, u, h0, c0):
-        results = run_forward(xw, u, h0, c0, save=config.training)
+    def fused(*args):
+        results = run_forward(*args, save=config.training)
 
         def grad(d_outputs, d_h_n, d_c_n):
-            saved = results[3:] if config.training else run_forward(xw, u, h0, c0, True)[3:]
-            h_seq, c_seq, gates = saved
-            d_xw, d_h0, d_c0 = tf.numpy_function(
-                backward,
-                [u, mask_arg, rmask_arg, c_seq, gates,
+            saved = results[3:] if config.training else run_forward(*args, save=True)[3:]
+            x, kernel, bias, recurrent_kernel, h0, c0 = args
+            if on_gpu:
+                d_results = [_zeros_if_none(d_outputs, results[0]),
+                             _zeros_if_none(d_h_n, h0), _zeros_if_none(d_c_n, c0)]
+                return _gpu_gradients(config, args, (mask, input_mask, recurrent_mask),
+                                      saved, d_results)
+            grads = tf.numpy_function(
+                functools.partial(_gradients, config),
+                [x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, *saved,
                  _zeros_if_none(d_outputs, results[0]),
                  _zeros_if_none(d_h_n, h0), _zeros_if_none(d_c_n, c0)],
-                [_F32] * 3, stateful=False)
-            d_xw.set_shape(xw.shape)
-            d_h0.set_shape(h0.shape)
-            d_c0.set_shape(c0.shape)
-            d_u = ops.recurrent_kernel_grad(h_seq[:-1], d_xw, recurrent_mask)
-            return d_xw, d_u, d_h0, d_c0
+                [_F32] * 6, stateful=False)
+            for g, like in zip(grads, (x, kernel, bias, recurrent_kernel, h0, c0)):
+                g.set_shape(like.shape)
+            return grads
 
         return tuple(results[:3]), grad
 
-    return fused(xw, recurrent_kernel, h0, c0)
+    return fused(x, kernel, bias, recurrent_kernel, h0, c0)
 
 
-def _forward(config, xw, u, h0, c0, mask, recurrent_mask, save):
+def _forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mask):
     outputs, h_n, c_n, saved = kernels.forward(
-        xw, u, h0, c0, _none_if_empty(mask), _none_if_empty(recurrent_mask),
-        config.activation, config.recurrent_activation,
-        config.zero_output_for_mask, save)
+        xw, recurrent_kernel, h0, c0, _none_if_empty(mask), _none_if_empty(recurrent_mask),
+        config.activation, config.recurrent_activation, config.zero_output_for_mask, save)
     return (outputs, h_n, c_n) + (tuple(saved) if save else ())
 
 
-def _backward(config, u, mask, recurrent_mask, c_seq, gates, d_outputs, d_h_n, d_c_n):
-    return kernels.backward(
-        u, _none_if_empty(mask), _none_if_empty(recurrent_mask),
-        config.activation, config.recurrent_activation, config.zero_output_for_mask,
-        (None, c_seq, gates), d_outputs, d_h_n, d_c_n)
+def _gradients(config, x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask,
+               h_seq, c_seq, gates, d_outputs, d_h_n, d_c_n):
+    return kernels.gradients(
+        x, kernel, recurrent_kernel, _none_if_empty(mask), _none_if_empty(input_mask),
+        _none_if_empty(recurrent_mask), config.activation, config.recurrent_activation,
+        config.zero_output_for_mask, (h_seq, c_seq, gates), d_outputs, d_h_n, d_c_n)
+
+
+def _uses_cuda_kernels(tensor):
+    """Whether the op runs the CUDA kernels: `tensor` is on a GPU and they are selected."""
+    return _runs_on_gpu(tensor) and select_kernels(data_on_gpu=True) is not kernels
+
+
+def _runs_on_gpu(tensor):
+    """Whether `tensor` is on a GPU or, unplaced in a graph, will be.
+
+    TF places an op without a device on a GPU when one exists.
+    """
+    if tensor.device:
+        return tf.DeviceSpec.from_string(tensor.device).device_type == "GPU"
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def _gpu_call(function, inputs, count):
+    """Runs a GPU callback: directly on eager tensors, else as a `tf.py_function`.
+
+    An eager `tf.py_function` call under a `GradientTape` keeps its tape,
+    inputs and outputs in a global cache until the op's own gradient runs,
+    which the custom gradient replaces: device memory would leak every call.
+    """
+    if tf.executing_eagerly():
+        return function(*inputs)
+    return tf.py_function(function, inputs, [_F32] * count)
+
+
+def _gpu_gradients(config, args, masks, saved, d_results):
+    """The six gradients: the backward kernel, then the projection's as TF ops."""
+    x, kernel, _, recurrent_kernel, h0, c0 = args
+    mask, input_mask, recurrent_mask = masks
+    h_seq, c_seq, gates = saved
+    d_xw, d_h0, d_c0 = _gpu_call(
+        functools.partial(_gpu_backward, config),
+        [recurrent_kernel, mask, recurrent_mask, c_seq, gates, *d_results], 3)
+    d_xw.set_shape(gates.shape)
+    d_h0.set_shape(h0.shape)
+    d_c0.set_shape(c0.shape)
+    input_mask = _none_if_empty_tensor(input_mask)
+    recurrent_mask = _none_if_empty_tensor(recurrent_mask)
+    return [_input_grad(d_xw, kernel, input_mask), _gate_weight_grad(x, d_xw, input_mask),
+            tf.reduce_sum(d_xw, [0, 1]), _gate_weight_grad(h_seq[:-1], d_xw, recurrent_mask),
+            d_h0, d_c0]
+
+
+def _gate_weight_grad(inputs, d_xw, masks):
+    """[K, 4H]: the sum over steps and rows of (inputs * masks[g]).T @ d_xw[g] per gate g."""
+    if masks is None:
+        return tf.einsum("tnk,tnj->kj", inputs, d_xw)
+    d_gates = _split_gates(d_xw)
+    grad = tf.einsum("tnk,gnk,tngj->kgj", inputs, masks, d_gates)
+    return tf.reshape(grad, [tf.shape(inputs)[-1], -1])
+
+
+def _input_grad(d_xw, kernel, masks):
+    """[T, N, C]: the gradient of the inputs through the projection."""
+    if masks is None:
+        return tf.einsum("tnj,kj->tnk", d_xw, kernel)
+    gate_kernels = tf.reshape(kernel, [tf.shape(kernel)[0], 4, -1])
+    return tf.einsum("tngj,kgj,gnk->tnk", _split_gates(d_xw), gate_kernels, masks)
+
+
+def _split_gates(d_xw):
+    """[T, N, 4H] -> [T, N, 4, H]."""
+    shape = tf.shape(d_xw)
+    return tf.reshape(d_xw, [shape[0], shape[1], 4, -1])
+
+
+def _gpu_forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mask):
+    """`tf.py_function` body: the forward CUDA kernel on eager GPU tensors."""
+    with _numba_device_of(xw):
+        outputs, h_n, c_n, saved = select_kernels(data_on_gpu=True).forward(
+            *_device_arrays(xw, recurrent_kernel, h0, c0, _none_if_empty(mask),
+                            _none_if_empty(recurrent_mask)),
+            config.activation, config.recurrent_activation, config.zero_output_for_mask, save)
+        return _to_tf((outputs, h_n, c_n) + (tuple(saved) if save else ()), xw.device)
+
+
+def _gpu_backward(config, recurrent_kernel, mask, recurrent_mask, c_seq, gates, d_outputs,
+                  d_h_n, d_c_n):
+    """`tf.py_function` body: the backward CUDA kernel on eager GPU tensors."""
+    with _numba_device_of(d_outputs):
+        recurrent_kernel, mask, recurrent_mask, c_seq, gates, *d_results = _device_arrays(
+            recurrent_kernel, _none_if_empty(mask), _none_if_empty(recurrent_mask), c_seq,
+            gates, d_outputs, d_h_n, d_c_n)
+        results = select_kernels(data_on_gpu=True).backward(
+            recurrent_kernel, mask, recurrent_mask, config.activation,
+            config.recurrent_activation, config.zero_output_for_mask, (None, c_seq, gates),
+            *d_results)
+        return _to_tf(results, d_outputs.device)
+
+
+@contextlib.contextmanager
+def _numba_device_of(tensor):
+    """Makes the GPU holding `tensor` Numba's current device (multi-GPU: one per call).
+
+    Assumes TF's GPU numbering is CUDA's, which holds unless
+    `tf.config.set_visible_devices` hid GPUs.
+    """
+    spec = tf.DeviceSpec.from_string(tensor.device)
+    if spec.device_type != "GPU":
+        raise RuntimeError(
+            "The fused LSTM's CUDA kernels need their tensors on a GPU. "
+            f"Received a tensor on {tensor.device!r}.")
+    from numba import cuda
+
+    with cuda.gpus[spec.device_index]:
+        yield
+
+
+class _DLPackExport:
+    """Exports a TF tensor to a DLPack consumer that passes a stream.
+
+    numba-cuda calls `__dlpack__(stream=-1)`, and TF refuses every stream but
+    None. TF's own `to_dlpack` waits for the tensor's device instead.
+    """
+
+    def __init__(self, tensor):
+        self._tensor = tensor
+
+    def __dlpack__(self, stream=None, **kwargs):
+        return tf.experimental.dlpack.to_dlpack(self._tensor)
+
+    def __dlpack_device__(self):
+        return self._tensor.__dlpack_device__()
+
+
+def _device_arrays(*tensors):
+    """Numba device arrays over the memory of eager GPU tensors (None stays None)."""
+    return [None if t is None else _numba_array(t) for t in tensors]
+
+
+def _numba_array(tensor):
+    from cuda.core.utils import StridedMemoryView
+    from numba import cuda
+
+    view = StridedMemoryView.from_dlpack(_DLPackExport(tensor), stream_ptr=-1)
+    interface = {"shape": tuple(view.shape), "strides": None,
+                 "typestr": np.dtype(view.dtype).str, "data": (view.ptr, False),
+                 "version": 3}
+    return cuda.from_cuda_array_interface(interface, owner=view, sync=False)
+
+
+def _to_tf(arrays, device):
+    """Copies the kernels' device arrays into new TF tensors on `device`.
+
+    TF allocates the outputs (uninitialized) and they are written in place on
+    the device. TF's streams are out of Python's reach: the device is
+    synchronized before TF reads them.
+    """
+    from numba import cuda
+
+    with tf.device(device):
+        outputs = [tf.raw_ops.Empty(shape=a.shape, dtype=_F32, init=False) for a in arrays]
+    for output, array in zip(outputs, arrays):
+        _numba_array(output).copy_to_device(array)
+    cuda.synchronize()
+    return outputs
 
 
 def _none_if_empty(array):
     return None if array.shape[0] == 0 else array
+
+
+def _none_if_empty_tensor(tensor):
+    return None if tensor.shape[0] == 0 else tensor
 
 
 def _zeros_if_none(grad, like):

@@ -183,6 +183,26 @@ def lstm_backward(recurrent_kernel, mask, recurrent_mask, activation,
     d_c0[:] = dc
 
 
+_ROWS_PER_CHUNK = 64
+
+
+@njit(nogil=True, cache=True)
+def accumulate_outer(a, b, out):
+    """out[K1, K2] = a.T @ b for a [R, K1] and b [R, K2], summed in float64.
+
+    Weight gradients sum over all T * N rows. One float32 GEMM per chunk of
+    rows, accumulated in float64 across chunks, keeps their error at the level
+    of the per-step sums the stock layer makes; one long float32 GEMM does not.
+    """
+    acc = np.zeros(out.shape, np.float64)
+    part = np.empty(out.shape, np.float32)
+    for start in range(0, a.shape[0], _ROWS_PER_CHUNK):
+        stop = min(start + _ROWS_PER_CHUNK, a.shape[0])
+        np.dot(a[start:stop].T, b[start:stop], part)
+        acc += part
+    out[:] = acc
+
+
 def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
             recurrent_activation, zero_output_for_mask, training):
     """Host driver for `lstm_forward` on NumPy arrays.
@@ -236,6 +256,55 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
         np.ascontiguousarray(d_h_n, f32), np.ascontiguousarray(d_c_n, f32),
         d_xw, d_h0, d_c0)
     return d_xw, d_h0, d_c0
+
+
+def gradients(x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, activation,
+              recurrent_activation, zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n):
+    """All gradients of the layer's sequence op: projection and recurrence.
+
+    Args:
+        x: [T, N, C] inputs (time-major, before input dropout).
+        kernel: [C, 4H]; input_mask: [4, N, C] per-gate input dropout or None.
+        Others: as for `backward`.
+
+    Returns:
+        `(d_x, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0)`.
+    """
+    d_xw, d_h0, d_c0 = backward(
+        recurrent_kernel, mask, recurrent_mask, activation, recurrent_activation,
+        zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n)
+    x = np.asarray(x, np.float32)
+    d_kernel = _gate_weight_grad(x, d_xw, input_mask)
+    d_recurrent_kernel = _gate_weight_grad(saved[0][:-1], d_xw, recurrent_mask)
+    d_bias = d_xw.reshape(-1, d_xw.shape[-1]).sum(0, dtype=np.float64).astype(np.float32)
+    d_x = _input_grad(d_xw, np.asarray(kernel, np.float32), input_mask)
+    return d_x, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0
+
+
+def _gate_weight_grad(inputs, d_xw, masks):
+    """[K, 4H] = sum over steps and rows of (inputs * mask_g).T @ d_xw_g per gate g."""
+    K = inputs.shape[-1]
+    H = d_xw.shape[-1] // 4
+    out = np.empty((K, 4 * H), np.float32)
+    if masks is None:
+        accumulate_outer(inputs.reshape(-1, K), d_xw.reshape(-1, 4 * H), out)
+        return out
+    block = np.empty((K, H), np.float32)
+    for g in range(4):
+        masked = np.ascontiguousarray(inputs * masks[g]).reshape(-1, K)
+        d_gate = np.ascontiguousarray(d_xw[..., g * H:(g + 1) * H]).reshape(-1, H)
+        accumulate_outer(masked, d_gate, block)
+        out[:, g * H:(g + 1) * H] = block
+    return out
+
+
+def _input_grad(d_xw, kernel, masks):
+    """[T, N, C] gradient of the inputs through the projection."""
+    if masks is None:
+        return d_xw @ kernel.T
+    H = kernel.shape[1] // 4
+    return sum((d_xw[..., g * H:(g + 1) * H] @ kernel[:, g * H:(g + 1) * H].T) * masks[g]
+               for g in range(4))
 
 
 def _mask_or_empty(mask, N):

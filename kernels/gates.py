@@ -85,7 +85,7 @@ def activate(code, x):
             y = _ONE
         return y
     if code == RELU:
-        return x if x > _ZERO else _ZERO
+        return _ZERO if x < _ZERO else x
     if code == SOFTSIGN:
         return x / (_ONE + abs(x))
     return x

@@ -1,0 +1,163 @@
+"""PyTorch glue: the fused LSTM sequence as a `torch.autograd.Function`.
+
+CPU tensors reach the `njit` kernels as NumPy views that share their memory,
+and the CPU kernels compute every gradient, as on TensorFlow. CUDA tensors
+reach the CUDA kernels as they are (CUDA array interface), launched on
+PyTorch's current stream so that nothing waits on the host; the projection's
+gradients then run as PyTorch matmuls on the device.
+
+Keras first calls layers on "meta" tensors to infer shapes: those calls get
+empty meta outputs and run no kernel. When the forward pass ran without saving
+(inference), a gradient request recomputes it with saving.
+"""
+
+import contextlib
+
+import torch
+
+from fusedlstm import ops
+from fusedlstm.kernels import cpu
+from fusedlstm.kernels.select import select_kernels
+
+
+def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
+                  recurrent_mask, config):
+    """See `fusedlstm.ops.lstm_sequence`."""
+    tensors = (x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask, recurrent_mask)
+    if any(t is not None and t.is_meta for t in tensors):
+        return _meta_outputs(x, recurrent_kernel)
+    return _FusedLSTM.apply(*tensors, config)
+
+
+class _FusedLSTM(torch.autograd.Function):
+    """`(outputs, h_n, c_n)`, differentiable in x, the three weights, h0 and c0."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
+                recurrent_mask, config):
+        inputs = (x, kernel, bias, recurrent_kernel, h0, c0)
+        masks = (mask, input_mask, recurrent_mask)
+        outputs, h_n, c_n, saved = _forward(inputs, masks, config, config.training)
+        ctx.config = config
+        ctx.save_for_backward(*inputs, *masks, *(saved or ()))
+        return outputs, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, d_outputs, d_h_n, d_c_n):
+        config = ctx.config
+        tensors = ctx.saved_tensors
+        inputs, masks, saved = tensors[:6], tensors[6:9], tensors[9:]
+        if not config.training:
+            saved = _forward(inputs, masks, config, save=True)[3]
+        grads = _gradients(inputs, masks, config, saved, (d_outputs, d_h_n, d_c_n))
+        return (*grads, None, None, None, None)
+
+
+def _forward(inputs, masks, config, save):
+    """Projects and runs the forward kernel.
+
+    Returns:
+        `(outputs, h_n, c_n, saved)` as tensors on the inputs' device, with
+        `saved = (h_seq, c_seq, gates)` when `save`, else None.
+    """
+    x, kernel, bias, recurrent_kernel, h0, c0 = inputs
+    mask, input_mask, recurrent_mask = masks
+    xw = ops.input_projection(x, kernel, bias, input_mask)
+    kernels = _kernels_for(x)
+    with _launch_on(kernels, x.device) as options:
+        outputs, h_n, c_n, saved = kernels.forward(
+            *_kernel_arrays(kernels, xw, recurrent_kernel, h0, c0, mask, recurrent_mask),
+            config.activation, config.recurrent_activation, config.zero_output_for_mask, save,
+            **options)
+    outputs, h_n, c_n = _to_torch((outputs, h_n, c_n), x.device)
+    return outputs, h_n, c_n, (_to_torch(saved, x.device) if save else None)
+
+
+def _gradients(inputs, masks, config, saved, d_results):
+    """`(d_x, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0)` as tensors."""
+    x, kernel, bias, recurrent_kernel, h0, c0 = inputs
+    mask, input_mask, recurrent_mask = masks
+    codes = (config.activation, config.recurrent_activation, config.zero_output_for_mask)
+    kernels = _kernels_for(x)
+    if kernels is cpu:
+        arrays = _kernel_arrays(cpu, x, kernel, recurrent_kernel, mask, input_mask,
+                                recurrent_mask, *saved, *d_results)
+        grads = cpu.gradients(*arrays[:6], *codes, tuple(arrays[6:9]), *arrays[9:])
+        return _to_torch(grads, x.device)
+    _, c_seq, gates = saved
+    arrays = _kernel_arrays(kernels, recurrent_kernel, mask, recurrent_mask, c_seq, gates,
+                            *d_results)
+    with _launch_on(kernels, x.device) as options:
+        results = kernels.backward(*arrays[:3], *codes, (None, *arrays[3:5]), *arrays[5:],
+                                   **options)
+    d_xw, d_h0, d_c0 = _to_torch(results, x.device)
+    return (_input_grad(d_xw, kernel, input_mask), _gate_weight_grad(x, d_xw, input_mask),
+            d_xw.sum((0, 1)), _gate_weight_grad(saved[0][:-1], d_xw, recurrent_mask),
+            d_h0, d_c0)
+
+
+def _gate_weight_grad(inputs, d_xw, masks):
+    """[K, 4H]: the sum over steps and rows of (inputs * masks[g]).T @ d_xw[g] per gate g."""
+    if masks is None:
+        return torch.einsum("tnk,tnj->kj", inputs, d_xw)
+    steps, batch, units4 = d_xw.shape
+    d_gates = d_xw.reshape(steps, batch, 4, units4 // 4)
+    return torch.einsum("tnk,gnk,tngj->kgj", inputs, masks, d_gates).reshape(-1, units4)
+
+
+def _input_grad(d_xw, kernel, masks):
+    """[T, N, C]: the gradient of the inputs through the projection."""
+    if masks is None:
+        return d_xw @ kernel.T
+    steps, batch, units4 = d_xw.shape
+    d_gates = d_xw.reshape(steps, batch, 4, units4 // 4)
+    gate_kernels = kernel.reshape(kernel.shape[0], 4, units4 // 4)
+    return torch.einsum("tngj,kgj,gnk->tnk", d_gates, gate_kernels, masks)
+
+
+def _kernels_for(tensor):
+    return select_kernels(tensor.device.type == "cuda")
+
+
+def _kernel_arrays(kernels, *tensors):
+    """What `kernels` takes: NumPy views for the CPU kernels, else device tensors.
+
+    Tensors that require grad refuse NumPy and CUDA-array export: detach them.
+    """
+    if kernels is cpu:
+        return [None if t is None else t.detach().cpu().numpy() for t in tensors]
+    return [None if t is None else _device_or_numpy(t.detach()) for t in tensors]
+
+
+def _device_or_numpy(tensor):
+    return tensor.contiguous() if tensor.is_cuda else tensor.numpy()
+
+
+@contextlib.contextmanager
+def _launch_on(kernels, device):
+    """Yields the kernels' launch options for tensors on `device`.
+
+    CUDA kernels launch on the tensors' GPU (Numba launches on its current
+    device) and on PyTorch's current stream there, so no host sync is needed.
+    """
+    if kernels is cpu or device.type != "cuda":
+        yield {}
+        return
+    from numba import cuda
+
+    with cuda.gpus[device.index]:
+        yield {"stream": torch.cuda.current_stream(device).cuda_stream}
+
+
+def _to_torch(arrays, device):
+    """Wraps NumPy or CUDA arrays as tensors on `device`, without copies where they are."""
+    return tuple(torch.as_tensor(a, device=device) for a in arrays)
+
+
+def _meta_outputs(x, recurrent_kernel):
+    """Empty meta tensors shaped like the outputs: [T, N, H], [N, H], [N, H]."""
+    steps, batch, units = x.shape[0], x.shape[1], recurrent_kernel.shape[0]
+    options = {"dtype": torch.float32, "device": "meta"}
+    return (torch.empty((steps, batch, units), **options),
+            torch.empty((batch, units), **options),
+            torch.empty((batch, units), **options))

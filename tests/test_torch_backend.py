@@ -1,0 +1,220 @@
+"""PyTorch-specific checks of `fusedlstm.LSTM` (`KERAS_BACKEND=torch`).
+
+A pytest process has one Keras backend, fixed at import, so this module skips
+itself under any other backend. CI runs the suite a second time with
+`KERAS_BACKEND=torch`; the backend-agnostic parity tests run in both passes,
+and this module adds what only the torch backend has: the
+`torch.autograd.Function` against torch autograd through the stock layer,
+Keras's symbolic calls on "meta" tensors, and training, masks, dropout, mixed
+precision, wrappers and checkpoints under torch.
+
+    KERAS_BACKEND=torch python -m pytest tests/test_torch_backend.py -q
+"""
+
+import keras
+import numpy as np
+import pytest
+
+if keras.backend.backend() != "torch":
+    pytest.skip("needs KERAS_BACKEND=torch", allow_module_level=True)
+
+import torch
+
+import fusedlstm
+from fusedlstm import ops as fused_ops
+from fusedlstm import ops_torch
+
+OUTPUT_ATOL = 1e-5
+GRAD_ATOL = 1e-4
+
+
+def make_pair(init_seed=1, **kwargs):
+    """A stock and a fused layer built from the same random seed.
+
+    Give dropout layers a `seed`: under torch, a layer without one draws its
+    dropout masks from torch's global generator, so two layers' masks differ.
+    """
+    keras.utils.set_random_seed(init_seed)
+    stock = keras.layers.LSTM(**kwargs)
+    keras.utils.set_random_seed(init_seed)
+    fused = fusedlstm.LSTM(**kwargs)
+    return stock, fused
+
+
+def outputs_and_grads(layer, x, mask=None, initial_state=None, training=False):
+    """Calls `layer` and backpropagates a fixed random projection of its outputs.
+
+    Returns:
+        `(outputs, grads)`: NumPy arrays of every output, and of the
+        gradients of `x`, of the initial states (when given) and of every
+        trainable weight.
+    """
+    xs = torch.tensor(x, requires_grad=True)
+    states = [torch.tensor(s, requires_grad=True) for s in initial_state or []]
+    mask = None if mask is None else torch.tensor(mask)
+    ys = layer(xs, mask=mask, initial_state=states or None, training=training)
+    ys = list(ys) if isinstance(ys, (list, tuple)) else [ys]
+    rng = np.random.default_rng(0)
+    loss = sum((y * torch.tensor(rng.standard_normal(tuple(y.shape)), dtype=y.dtype)).sum()
+               for y in ys)
+    for w in layer.trainable_weights:
+        w.value.grad = None
+    loss.backward()
+    sources = [xs] + states + [w.value for w in layer.trainable_weights]
+    return ([y.detach().numpy() for y in ys],
+            [s.grad.numpy() for s in sources])
+
+
+def assert_all_close(actual, expected, atol, what):
+    assert len(actual) == len(expected), what
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape, f"{what} {k}: shape {a.shape} != {e.shape}"
+        error = np.abs(a.astype(np.float64) - e).max(initial=0)
+        assert error <= atol, f"{what} {k}: max error {error:.3g} > {atol}"
+
+
+def assert_matches_stock(stock, fused, x, **call):
+    stock_out, stock_grads = outputs_and_grads(stock, x, **call)
+    fused_out, fused_grads = outputs_and_grads(fused, x, **call)
+    assert_all_close(fused_out, stock_out, OUTPUT_ATOL, "output")
+    assert_all_close(fused_grads, stock_grads, GRAD_ATOL, "gradient")
+
+
+def padded_mask(kind, batch, steps, rng):
+    """A [N, T] bool mask: left-padded, or with holes and one fully masked row."""
+    if kind == "left":
+        lengths = rng.integers(1, steps + 1, size=batch)
+        return np.arange(steps)[None, :] >= (steps - lengths)[:, None]
+    mask = rng.random((batch, steps)) > 0.3
+    mask[-1] = False
+    return mask
+
+
+def random_inputs(rng, batch, steps, features):
+    return rng.standard_normal((batch, steps, features)).astype("float32")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["saved", "recomputed"])
+def test_gradients_match_stock_layer(training):
+    rng = np.random.default_rng(1)
+    stock, fused = make_pair(units=6, return_sequences=True, return_state=True)
+    states = [rng.standard_normal((4, 6)).astype("float32") for _ in range(2)]
+    assert_matches_stock(stock, fused, random_inputs(rng, 4, 9, 5),
+                         initial_state=states, training=training)
+
+
+@pytest.mark.parametrize("kind", ["left", "holes"])
+def test_masks_match_stock_layer(kind):
+    rng = np.random.default_rng(2)
+    stock, fused = make_pair(units=5, return_sequences=True, return_state=True)
+    assert_matches_stock(stock, fused, random_inputs(rng, 6, 8, 3),
+                         mask=padded_mask(kind, 6, 8, rng), training=True)
+
+
+def test_dropouts_use_the_stock_layer_masks():
+    rng = np.random.default_rng(3)
+    stock, fused = make_pair(units=7, dropout=0.2, recurrent_dropout=0.4, seed=11,
+                             return_sequences=True)
+    assert_matches_stock(stock, fused, random_inputs(rng, 5, 6, 4), training=True)
+
+
+def test_bidirectional_matches_stock_layer():
+    rng = np.random.default_rng(4)
+    keras.utils.set_random_seed(5)
+    stock = keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True))
+    keras.utils.set_random_seed(5)
+    fused = keras.layers.Bidirectional(fusedlstm.LSTM(4, return_sequences=True))
+    assert_matches_stock(stock, fused, random_inputs(rng, 3, 7, 2),
+                         mask=padded_mask("left", 3, 7, rng))
+
+
+def test_symbolic_call_runs_no_kernel(monkeypatch):
+    def no_kernel(data_on_gpu):
+        raise AssertionError("a symbolic call launched a kernel")
+
+    monkeypatch.setattr(ops_torch, "select_kernels", no_kernel)
+    layer = fusedlstm.LSTM(3, return_sequences=True, return_state=True)
+    outputs = layer(keras.Input((None, 2)))
+    assert [tuple(o.shape) for o in outputs] == [(None, None, 3), (None, 3), (None, 3)]
+
+    steps, batch, features, units = 7, 2, 5, 3
+    shapes = [(steps, batch, features), (features, 4 * units), (4 * units,),
+              (units, 4 * units), (batch, units), (batch, units)]
+    tensors = [torch.empty(s, device="meta") for s in shapes]
+    config = fused_ops.RecurrenceConfig(0, 1, False, True)
+    results = ops_torch.lstm_sequence(*tensors, None, None, None, config)
+    assert [tuple(r.shape) for r in results] == [(steps, batch, units), (batch, units),
+                                                (batch, units)]
+    assert all(r.is_meta for r in results)
+
+
+def small_model(layer_class, seed):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((6, 3)),
+        layer_class(8, recurrent_dropout=0.25, seed=3),
+        keras.layers.Dense(1),
+    ])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    return model
+
+
+def test_fit_one_epoch_matches_stock_model():
+    rng = np.random.default_rng(6)
+    x = random_inputs(rng, 32, 6, 3)
+    y = rng.standard_normal((32, 1)).astype("float32")
+    histories, weights = [], []
+    for layer_class in (keras.layers.LSTM, fusedlstm.LSTM):
+        model = small_model(layer_class, seed=7)
+        keras.utils.set_random_seed(8)
+        history = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        histories.append(history.history["loss"])
+        weights.append(model.get_weights() + [model.predict(x, verbose=0)])
+    np.testing.assert_allclose(histories[1], histories[0], rtol=1e-5)
+    assert_all_close(weights[1], weights[0], GRAD_ATOL, "weight after one epoch")
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_output_dtype(policy):
+    rng = np.random.default_rng(9)
+    x = random_inputs(rng, 3, 5, 2)
+    keras.config.set_dtype_policy(policy)
+    try:
+        stock, fused = make_pair(units=4, return_state=True)
+        stock_out = stock(x)
+        fused_out = fused(x)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    compute_dtype = policy.removeprefix("mixed_")
+    assert [keras.backend.standardize_dtype(o.dtype) for o in fused_out] == [compute_dtype] * 3
+    assert {w.dtype for w in fused.weights} == {"float32"}
+    for s, f in zip(stock_out, fused_out):
+        np.testing.assert_allclose(f.detach().float().numpy(), s.detach().float().numpy(),
+                                   atol=1e-2)
+
+
+def test_weights_byte_identical_to_stock_layer():
+    stock, fused = make_pair(init_seed=12, units=5, unit_forget_bias=True)
+    for layer in (stock, fused):
+        layer.build((None, 4, 3))
+    for s, f in zip(stock.get_weights(), fused.get_weights(), strict=True):
+        assert s.dtype == f.dtype and s.tobytes() == f.tobytes()
+
+
+def lstm_model(layer_class, seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((4, 3)), layer_class(5)])
+
+
+@pytest.mark.parametrize("direction", ["stock_to_fused", "fused_to_stock"])
+def test_weights_h5_load_across_layers(direction, tmp_path):
+    source_class, target_class = (keras.layers.LSTM, fusedlstm.LSTM)
+    if direction == "fused_to_stock":
+        source_class, target_class = target_class, source_class
+    source = lstm_model(source_class, seed=13)
+    target = lstm_model(target_class, seed=14)
+    path = str(tmp_path / "model.weights.h5")
+    source.save_weights(path)
+    target.load_weights(path)
+    for s, t in zip(source.get_weights(), target.get_weights(), strict=True):
+        assert s.tobytes() == t.tobytes()
