@@ -1,9 +1,12 @@
 """GPU checks and timings of the fused LSTM CUDA kernels against cuDNN.
 
-Needs an NVIDIA GPU, PyTorch with CUDA and cuDNN, numba and numba-cuda (no
-TensorFlow or Keras). Run from the repository root:
+Needs an NVIDIA GPU, PyTorch with CUDA and cuDNN, numba, numba-cuda, Keras
+(imported by the `fusedlstm` package; no TensorFlow needed) and the package
+itself installed, so that the kernels import as `fusedlstm.kernels`. Run from
+the repository root:
 
-    python benchmarks/gpu_kernels.py --out benchmarks/results/
+    pip install --no-deps --no-build-isolation -e .
+    KERAS_BACKEND=torch python benchmarks/gpu_kernels.py --out benchmarks/results/
 
 It does, in order:
 
@@ -74,7 +77,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     if args.small:
         return run_small_check()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +165,7 @@ def projection(problem):
 
 def fused_forward(problem, training, stream):
     """The projection in torch, then `kernels.cuda.forward` on torch tensors."""
-    from kernels import cuda as cuda_kernels
+    from fusedlstm.kernels import cuda as cuda_kernels
 
     return cuda_kernels.forward(
         projection(problem), problem["recurrent_kernel"], problem["h0"], problem["c0"], None,
@@ -174,7 +176,7 @@ def fused_train_step(problem, stream):
     """Forward, backward and all gradients: what a layer's training step runs."""
     import torch
 
-    from kernels import cuda as cuda_kernels
+    from fusedlstm.kernels import cuda as cuda_kernels
 
     outputs, h_n, c_n, saved = fused_forward(problem, True, stream)
     d_xw, d_h0, d_c0 = cuda_kernels.backward(
@@ -263,11 +265,11 @@ def run_checks():
 
 
 def check_one(N, H, T, stream):
-    """Max abs errors of the fused kernels against kernels.cpu and cuDNN."""
+    """Errors of the fused kernels against kernels.cpu (max abs) and cuDNN (relative)."""
     import numpy as np
     import torch
 
-    from kernels import cpu
+    from fusedlstm.kernels import cpu
 
     problem = make_problem(N, H, T, seed=N * 7919 + H * 31 + T)
     fused = fused_train_step(problem, stream.cuda_stream)
@@ -314,8 +316,8 @@ def run_small_check():
     """
     import numpy as np
 
-    from kernels import cpu
-    from kernels import cuda as cuda_kernels
+    from fusedlstm.kernels import cpu
+    from fusedlstm.kernels import cuda as cuda_kernels
 
     rng = np.random.default_rng(0)
     T, N, H = 3, 5, 40
@@ -403,14 +405,21 @@ def run_timings(warmup, repeats):
     return {"rates": rates, "rows": rows}
 
 
-def median_us(fn, stream, warmup, repeats):
-    """Median CUDA-event time of `fn()` on `stream`, in microseconds."""
+def time_us(fn, stream, warmup, repeats):
+    """CUDA-event times of `fn()` on `stream`, in microseconds.
+
+    Returns:
+        A dict: `median`, the median of `repeats` single calls, each timed
+        alone (host work before the first kernel included); `pipelined`, the
+        mean over `repeats` back-to-back calls, where host work overlaps the
+        GPU work of earlier calls; `raw`, the single-call times.
+    """
     import torch
 
     for _ in range(warmup):
         fn()
     stream.synchronize()
-    times = []
+    raw = []
     for _ in range(repeats):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
@@ -418,8 +427,16 @@ def median_us(fn, stream, warmup, repeats):
         fn()
         end.record(stream)
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0)
-    return statistics.median(times), times
+        raw.append(start.elapsed_time(end) * 1000.0)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    for _ in range(repeats):
+        fn()
+    end.record(stream)
+    end.synchronize()
+    pipelined = start.elapsed_time(end) * 1000.0 / repeats
+    return {"median": statistics.median(raw), "pipelined": pipelined, "raw": raw}
 
 
 def measure_matmul_tflops(stream, size=8192):
@@ -428,7 +445,7 @@ def measure_matmul_tflops(stream, size=8192):
     set_tf32(False)
     a = torch.randn(size, size, device="cuda")
     b = torch.randn(size, size, device="cuda")
-    us, _ = median_us(lambda: torch.mm(a, b), stream, 2, 10)
+    us = time_us(lambda: torch.mm(a, b), stream, 2, 10)["median"]
     return 2 * size ** 3 / us / 1e6
 
 
@@ -479,57 +496,47 @@ def time_forward(N, H, T, stream, warmup, repeats, rates):
     problem = make_problem(N, H, T)
     lstm = cudnn_lstm(problem)
     handle = stream.cuda_stream
-    set_tf32(False)
-    fused_us, fused_raw = median_us(lambda: fused_forward(problem, False, handle), stream,
-                                    warmup, repeats)
-    cudnn_fp32_us, cudnn_fp32_raw = median_us(lambda: cudnn_forward(lstm, problem), stream,
-                                              warmup, repeats)
-    set_tf32(True)
-    cudnn_tf32_us, cudnn_tf32_raw = median_us(lambda: cudnn_forward(lstm, problem), stream,
-                                              warmup, repeats)
-    set_tf32(False)
-    return _timing_row("forward", N, H, T, rates, fused_us, cudnn_fp32_us, cudnn_tf32_us,
-                       floor_us(N, H, rates),
-                       {"fused": fused_raw, "cudnn_fp32": cudnn_fp32_raw,
-                        "cudnn_tf32": cudnn_tf32_raw})
+    return _time_three("forward", N, H, T, rates, floor_us(N, H, rates),
+                       lambda: fused_forward(problem, False, handle),
+                       lambda: cudnn_forward(lstm, problem), stream, warmup, repeats)
 
 
 def time_train(N, H, T, stream, warmup, repeats, rates):
     problem = make_problem(N, H, T)
     lstm = cudnn_lstm(problem)
     handle = stream.cuda_stream
-    set_tf32(False)
-    fused_us, fused_raw = median_us(lambda: fused_train_step(problem, handle), stream, warmup,
-                                    repeats)
-    cudnn_fp32_us, cudnn_fp32_raw = median_us(lambda: cudnn_train_step(lstm, problem), stream,
-                                              warmup, repeats)
-    set_tf32(True)
-    cudnn_tf32_us, cudnn_tf32_raw = median_us(lambda: cudnn_train_step(lstm, problem), stream,
-                                              warmup, repeats)
-    set_tf32(False)
     # Forward and backward products, plus the dU GEMM spread over the steps.
     floor = floor_us(N, H, rates, products=3, barriers=2)
-    return _timing_row("train", N, H, T, rates, fused_us, cudnn_fp32_us, cudnn_tf32_us, floor,
-                       {"fused": fused_raw, "cudnn_fp32": cudnn_fp32_raw,
-                        "cudnn_tf32": cudnn_tf32_raw})
+    return _time_three("train", N, H, T, rates, floor, lambda: fused_train_step(problem, handle),
+                       lambda: cudnn_train_step(lstm, problem), stream, warmup, repeats)
 
 
-def _timing_row(kind, N, H, T, rates, fused_us, cudnn_fp32_us, cudnn_tf32_us, floor, raw):
+def _time_three(kind, N, H, T, rates, floor, fused, cudnn, stream, warmup, repeats):
+    """Times the fused path (TF32 off) and cuDNN with TF32 off and on."""
+    set_tf32(False)
+    timings = {"fused": time_us(fused, stream, warmup, repeats),
+               "cudnn_fp32": time_us(cudnn, stream, warmup, repeats)}
+    set_tf32(True)
+    timings["cudnn_tf32"] = time_us(cudnn, stream, warmup, repeats)
+    set_tf32(False)
     target = target_speedup(kind, N, H)
-    speedup_fp32 = cudnn_fp32_us / fused_us
-    speedup_tf32 = cudnn_tf32_us / fused_us
+    per_step = {name: timing["median"] / T for name, timing in timings.items()}
+    speedup_fp32 = per_step["cudnn_fp32"] / per_step["fused"]
+    speedup_tf32 = per_step["cudnn_tf32"] / per_step["fused"]
     return {
         "kind": kind, "N": N, "H": H, "T": T,
-        "fused_us_per_step": fused_us / T,
-        "cudnn_fp32_us_per_step": cudnn_fp32_us / T,
-        "cudnn_tf32_us_per_step": cudnn_tf32_us / T,
+        "fused_us_per_step": per_step["fused"],
+        "cudnn_fp32_us_per_step": per_step["cudnn_fp32"],
+        "cudnn_tf32_us_per_step": per_step["cudnn_tf32"],
+        "pipelined_us_per_step": {name: timing["pipelined"] / T
+                                  for name, timing in timings.items()},
         "floor_us_per_step": floor,
         "speedup_vs_cudnn_fp32": speedup_fp32,
         "speedup_vs_cudnn_tf32": speedup_tf32,
         "target_speedup": target,
         "target_met_fp32": None if target is None else speedup_fp32 >= target,
         "target_met_tf32": None if target is None else speedup_tf32 >= target,
-        "raw_us": raw,
+        "raw_us": {name: timing["raw"] for name, timing in timings.items()},
     }
 
 
@@ -549,6 +556,7 @@ def format_row(row):
             f" cudnn32 {row['cudnn_fp32_us_per_step']:9.2f}"
             f" cudnnTF32 {row['cudnn_tf32_us_per_step']:9.2f}"
             f" floor {row['floor_us_per_step']:8.2f} us/step"
+            f" (pipelined fused {row['pipelined_us_per_step']['fused']:.2f})"
             f" | x{row['speedup_vs_cudnn_fp32']:.2f} (tf32 x{row['speedup_vs_cudnn_tf32']:.2f})"
             f" target {target} met {met}")
 

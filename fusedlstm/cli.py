@@ -11,6 +11,10 @@ import argparse
 import os
 import sys
 
+import keras
+
+import fusedlstm
+
 GATES = (("i", "input gate"), ("f", "forget gate"), ("c", "cell candidate"),
          ("o", "output gate"))
 USAGE_ERROR = 2
@@ -239,15 +243,10 @@ def explain_model(path):
     """`explain_lstm` for every LSTM in the saved Keras model at `path`."""
     if not os.path.isfile(path):
         raise CliError(f"no such file: {path}")
-    import keras
-
-    import fusedlstm  # registers fusedlstm.LSTM for deserialization
-
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as error:  # Keras raises many types for a file it cannot read.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CliError(f"cannot load {path} as a Keras model: {reason}") from None
+        raise CliError(f"cannot load {path} as a Keras model: {_first_line(error)}") from None
     sections = []
     total = 0
     for name, layer in lstm_layers(model):
@@ -262,10 +261,13 @@ def explain_model(path):
     return "\n\n".join(sections)
 
 
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def lstm_layers(layer, prefix=""):
     """Yields `(path, layer)` for every LSTM in `layer`, wrappers and nested models included."""
-    import keras
-
     path = f"{prefix}{layer.name}"
     if isinstance(layer, keras.layers.LSTM):
         yield path, layer

@@ -16,12 +16,12 @@ from numba import njit
 
 from .gates import compile_gates
 
-_gates = compile_gates(njit(inline="always", cache=True))
+_gates = compile_gates(njit(inline="always", error_model="numpy", cache=True))
 _cell_forward = _gates.cell_forward
 _cell_backward = _gates.cell_backward
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _gate_blocks(recurrent_kernel, transpose):
     """Splits [H, 4H] into four contiguous [H, H] blocks, transposed if asked."""
     H = recurrent_kernel.shape[0]
@@ -32,7 +32,7 @@ def _gate_blocks(recurrent_kernel, transpose):
     return blocks
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _recurrent_product(h, recurrent_kernel, blocks, recurrent_mask, z, masked_h, z_gate):
     """z[N, 4H] = h @ recurrent_kernel, with one dropout mask per gate if given."""
     if recurrent_mask.shape[0] == 0:
@@ -45,7 +45,7 @@ def _recurrent_product(h, recurrent_kernel, blocks, recurrent_mask, z, masked_h,
         z[:, g * H:(g + 1) * H] = z_gate
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _recurrent_grad(dz, recurrent_kernel_t, blocks_t, recurrent_mask, dh, dz_gate, dh_gate):
     """dh[N, H] = dz @ recurrent_kernel.T, with the per-gate dropout masks if given."""
     if recurrent_mask.shape[0] == 0:
@@ -59,7 +59,7 @@ def _recurrent_grad(dz, recurrent_kernel_t, blocks_t, recurrent_mask, dh, dz_gat
         dh += dh_gate * recurrent_mask[g]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def lstm_forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
                  recurrent_activation, zero_output_for_mask,
                  outputs, h_n, c_n, h_seq, c_seq, gates):
@@ -125,7 +125,7 @@ def lstm_forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
     c_n[:] = c
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def lstm_backward(recurrent_kernel, mask, recurrent_mask, activation,
                   recurrent_activation, zero_output_for_mask,
                   c_seq, gates, d_outputs, d_h_n, d_c_n,
@@ -184,23 +184,29 @@ def lstm_backward(recurrent_kernel, mask, recurrent_mask, activation,
 
 
 _ROWS_PER_CHUNK = 64
+_COLUMNS_PER_BLOCK = 128
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def accumulate_outer(a, b, out):
     """out[K1, K2] = a.T @ b for a [R, K1] and b [R, K2], summed in float64.
 
-    Weight gradients sum over all T * N rows. One float32 GEMM per chunk of
+    Weight gradients sum over all T * N rows. One float32 GEMM per chunk of 64
     rows, accumulated in float64 across chunks, keeps their error at the level
     of the per-step sums the stock layer makes; one long float32 GEMM does not.
+    Columns go in blocks so that the float64 accumulator stays in cache.
     """
-    acc = np.zeros(out.shape, np.float64)
-    part = np.empty(out.shape, np.float32)
-    for start in range(0, a.shape[0], _ROWS_PER_CHUNK):
-        stop = min(start + _ROWS_PER_CHUNK, a.shape[0])
-        np.dot(a[start:stop].T, b[start:stop], part)
-        acc += part
-    out[:] = acc
+    K1 = a.shape[1]
+    for c0 in range(0, b.shape[1], _COLUMNS_PER_BLOCK):
+        c1 = min(c0 + _COLUMNS_PER_BLOCK, b.shape[1])
+        b_block = np.ascontiguousarray(b[:, c0:c1])
+        acc = np.zeros((K1, c1 - c0), np.float64)
+        part = np.empty((K1, c1 - c0), np.float32)
+        for r0 in range(0, a.shape[0], _ROWS_PER_CHUNK):
+            r1 = min(r0 + _ROWS_PER_CHUNK, a.shape[0])
+            np.dot(a[r0:r1].T, b_block[r0:r1], part)
+            acc += part
+        out[:, c0:c1] = acc
 
 
 def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,

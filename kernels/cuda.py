@@ -42,6 +42,7 @@ Kernels compile on first use, so importing this module needs no GPU.
 """
 
 import numpy as np
+from cuda.core.utils import StridedMemoryView
 from numba import config, cuda, float32
 
 from .gates import compile_gates
@@ -50,8 +51,8 @@ _gates = compile_gates(cuda.jit(device=True, inline="always"))
 _cell_forward = _gates.cell_forward
 _cell_backward = _gates.cell_backward
 
-# Static shared memory per block is capped at 48 KB; 1 KB is left for the
-# toolchain so that 4 blocks still fit on one Hopper SM (228 KB).
+# Static shared memory per block is capped at 48 KB (numba-cuda declares no
+# more); 1 KB of headroom stays below the cap.
 _CACHE_FLOATS = 12 * 1024 - 256
 # Batch rows per thread group: each cached weight read serves this many rows.
 _ROWS = 4
@@ -59,7 +60,12 @@ _ACC = 4 * _ROWS
 _TILE = 32
 _TILE_PADDED = _TILE + 1  # one spare column: no bank conflicts reading a tile column
 _FULL_WARP = 0xFFFFFFFF
-_MAX_THREADS = 1024
+# At most 256 threads and 2 blocks per SM: the compiler keeps the kernels
+# within 128 registers, which it does without spilling (ptxas 13.0, sm_90:
+# 122 forward, 106 backward). A tighter bound (64 registers, 4 blocks per SM,
+# twice the weights on chip) spills. Tune on the GPU.
+_MAX_THREADS = 256
+_LAUNCH_BOUNDS = (_MAX_THREADS, 2)
 # One block (block barrier) instead of a cooperative grid when a step needs at
 # most this many multiply-adds and the weights fit in one block's cache: a
 # grid barrier costs about a microsecond. Tune on the GPU.
@@ -67,7 +73,12 @@ _SINGLE_BLOCK_WORK = 1 << 17
 _DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
 _ZERO = np.float32(0.0)
 _SIMULATED = bool(config.ENABLE_CUDASIM)
+# Device functions are inlined in Numba IR: a device function compiled on its
+# own asks the driver for the compute capability, which needs a GPU.
 _device = cuda.jit(device=True, inline="always")
+# The simulator's jit takes no launch bounds.
+_kernel = cuda.jit(cache=True) if _SIMULATED else cuda.jit(cache=True,
+                                                          launch_bounds=_LAUNCH_BOUNDS)
 
 
 # ---------------------------------------------------------------------------
@@ -258,28 +269,39 @@ def _copy_units(src, dst, first, width):
 
 
 # ---------------------------------------------------------------------------
-# Forward kernels. Both have the same arguments:
-#
-#   units, lanes, cache_floats: units per block, threads per unit group, and
-#       how many floats of the shared cache to use (at most _CACHE_FLOATS).
-#   xw: [T, N, 4H]; recurrent_kernel_t: [4H, H], recurrent_kernel transposed.
-#   h0, c0: [N, H]; mask: [T, N] bool or [0, N]; recurrent_mask: [4, N, H] or
-#       [0, N, H]; activation, recurrent_activation, zero_output_for_mask: as
-#       in `kernels.cpu.lstm_forward`.
-#   outputs: [T, N, H]; h_n, c_n: [N, H]; h_seq, c_seq: [T+1, N, H] or
-#       [0, N, H]; gates: [T, N, 4H] or [0, N, 4H]: written.
-#   h_buf: [2, N, H] scratch, the double-buffered hidden state.
+# Forward kernels.
 
 
-@cuda.jit(cache=True)
+@_kernel
 def lstm_forward_persistent(units, lanes, cache_floats, xw, recurrent_kernel_t, h0, c0, mask,
                             recurrent_mask, activation, recurrent_activation,
                             zero_output_for_mask, outputs, h_n, c_n, h_seq, c_seq, gates,
                             h_buf):
-    """Forward recurrence over all timesteps, one cooperative launch.
+    """Runs the LSTM recurrence over all timesteps in one cooperative launch.
 
-    Needs a cooperative launch of `ceil(H / units)` blocks; see the module
-    docstring for the layout and the comment above for the arguments.
+    Launch `ceil(H / units)` blocks of a multiple of `lanes` threads, at most
+    `max_cooperative_grid_blocks`.
+
+    Args:
+        units: hidden units per block.
+        lanes: threads per unit group, a power of two up to 32.
+        cache_floats: shared-memory floats used to cache weights, at most
+            `_CACHE_FLOATS`.
+        xw: [T, N, 4H] input projection, bias included.
+        recurrent_kernel_t: [4H, H], `recurrent_kernel` transposed.
+        h0, c0: [N, H] initial states.
+        mask: [T, N] bool, or [0, N] for no mask.
+        recurrent_mask: [4, N, H] recurrent dropout masks, or [0, N, H].
+        activation, recurrent_activation: codes from `gates.ACTIVATION_CODES`.
+        zero_output_for_mask: masked steps output zeros instead of the last
+            unmasked output.
+        outputs: [T, N, H], written.
+        h_n, c_n: [N, H] final states, written.
+        h_seq, c_seq: [T+1, N, H] states with slot 0 the initial state,
+            written when training, else [0, N, H].
+        gates: [T, N, 4H] gate activations i, f, g, o, written when
+            training, else [0, N, 4H].
+        h_buf: [2, N, H] scratch: the hidden state, double-buffered.
     """
     grid = cuda.cg.this_grid()
     cache = cuda.shared.array(_CACHE_FLOATS, float32)
@@ -298,13 +320,14 @@ def lstm_forward_persistent(units, lanes, cache_floats, xw, recurrent_kernel_t, 
     _copy_units(h_buf[T % 2], h_n, first, width)
 
 
-@cuda.jit(cache=True)
+@_kernel
 def lstm_forward_block(units, lanes, cache_floats, xw, recurrent_kernel_t, h0, c0, mask,
                        recurrent_mask, activation, recurrent_activation, zero_output_for_mask,
                        outputs, h_n, c_n, h_seq, c_seq, gates, h_buf):
     """`lstm_forward_persistent` for a one-block launch (`units >= H`).
 
-    The block barrier replaces the grid barrier, so no cooperative launch.
+    The block barrier replaces the grid barrier, so the launch is not
+    cooperative. Same arguments as `lstm_forward_persistent`.
     """
     cache = cuda.shared.array(_CACHE_FLOATS, float32)
     H = h0.shape[1]
@@ -455,23 +478,31 @@ def _backward_products(t, recurrent_kernel, cache, cached_c, first, width, lanes
 
 
 # ---------------------------------------------------------------------------
-# Backward kernels. Both have the same arguments:
-#
-#   units, lanes, cache_floats: as for the forward kernels.
-#   recurrent_kernel: [H, 4H]; mask, recurrent_mask, activation,
-#       recurrent_activation, zero_output_for_mask: as for the forward kernels.
-#   c_seq: [T+1, N, H] and gates: [T, N, 4H], saved by the forward pass.
-#   d_outputs: [T, N, H]; d_h_n, d_c_n: [N, H].
-#   d_xw: [T, N, 4H]; d_h0, d_c0: [N, H]: written (d_h0 and d_c0 hold the
-#       running dh and dc).
-#   carried: [N, H] scratch, output gradient carried through masked steps.
+# Backward kernels.
 
 
-@cuda.jit(cache=True)
+@_kernel
 def lstm_backward_persistent(units, lanes, cache_floats, recurrent_kernel, mask, recurrent_mask,
                              activation, recurrent_activation, zero_output_for_mask, c_seq,
                              gates, d_outputs, d_h_n, d_c_n, d_xw, d_h0, d_c0, carried):
-    """Backpropagation through time over all timesteps, one cooperative launch."""
+    """Backpropagates through the recurrence (BPTT) in one cooperative launch.
+
+    Launch as `lstm_forward_persistent`.
+
+    Args:
+        units, lanes, cache_floats: as for `lstm_forward_persistent`.
+        recurrent_kernel: [H, 4H].
+        mask, recurrent_mask, activation, recurrent_activation,
+        zero_output_for_mask: as for `lstm_forward_persistent`.
+        c_seq: [T+1, N, H] and gates: [T, N, 4H], saved by the forward pass.
+        d_outputs: [T, N, H] gradient of the outputs.
+        d_h_n, d_c_n: [N, H] gradients of the final states.
+        d_xw: [T, N, 4H] gradient of the input projection, written.
+        d_h0, d_c0: [N, H] gradients of the initial states, written (they
+            hold the running dh and dc during the pass).
+        carried: [N, H] scratch: output gradient carried through masked
+            steps.
+    """
     grid = cuda.cg.this_grid()
     cache = cuda.shared.array(_CACHE_FLOATS, float32)
     H = recurrent_kernel.shape[0]
@@ -488,11 +519,14 @@ def lstm_backward_persistent(units, lanes, cache_floats, recurrent_kernel, mask,
                            recurrent_mask, d_xw, d_h0)
 
 
-@cuda.jit(cache=True)
+@_kernel
 def lstm_backward_block(units, lanes, cache_floats, recurrent_kernel, mask, recurrent_mask,
                         activation, recurrent_activation, zero_output_for_mask, c_seq, gates,
                         d_outputs, d_h_n, d_c_n, d_xw, d_h0, d_c0, carried):
-    """`lstm_backward_persistent` for a one-block launch (`units >= H`)."""
+    """`lstm_backward_persistent` for a one-block launch (`units >= H`).
+
+    Same arguments as `lstm_backward_persistent`; not a cooperative launch.
+    """
     cache = cuda.shared.array(_CACHE_FLOATS, float32)
     H = recurrent_kernel.shape[0]
     first, width = _block_slice(H, units)
@@ -553,7 +587,8 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
             order (produced on it, or synchronized by the caller): the
             driver does not wait on the stream named by their
             `__cuda_array_interface__`.
-        block_size: threads per block (a multiple of 32 on a GPU).
+        block_size: threads per block, at most 256 (the kernels' launch
+            bounds) and a multiple of 32 on a GPU.
         lanes: threads that share one unit's dot products, a power of two
             up to 32.
         units_per_block: hidden units per block; None picks a slice that
@@ -569,6 +604,7 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
         when training, else None. NumPy arrays when `xw` is a NumPy array,
         otherwise Numba device arrays written on `stream`.
     """
+    cache_floats = _check_launch_options(block_size, lanes, units_per_block, cache_floats)
     stream = _as_stream(stream)
     on_host = not _is_device_array(xw)
     T, N, H = _sequence_shape(xw, "xw", 4)
@@ -579,13 +615,12 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
     c0 = _to_device(c0, "c0", (N, H), f32, stream)
     mask = _mask_or_empty(mask, T, N, stream)
     recurrent_mask = _recurrent_mask_or_empty(recurrent_mask, N, H, stream)
-    steps = T if training else 0
     outputs = cuda.device_array((T, N, H), f32, stream=stream)
     h_n = cuda.device_array((N, H), f32, stream=stream)
     c_n = cuda.device_array((N, H), f32, stream=stream)
-    h_seq = cuda.device_array((steps + 1 if training else 0, N, H), f32, stream=stream)
-    c_seq = cuda.device_array((steps + 1 if training else 0, N, H), f32, stream=stream)
-    gates = cuda.device_array((steps, N, 4 * H), f32, stream=stream)
+    h_seq = cuda.device_array((T + 1 if training else 0, N, H), f32, stream=stream)
+    c_seq = cuda.device_array((T + 1 if training else 0, N, H), f32, stream=stream)
+    gates = cuda.device_array((T if training else 0, N, 4 * H), f32, stream=stream)
     h_buf = cuda.device_array((2, N, H), f32, stream=stream)
     recurrent_kernel_t = _transposed(recurrent_kernel, block_size, stream)
     _launch((lstm_forward_block, lstm_forward_persistent),
@@ -623,6 +658,7 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
     if saved is None or len(saved) != 3:
         raise ValueError("saved must be the (h_seq, c_seq, gates) returned by "
                          f"forward(..., training=True); received {saved!r}.")
+    cache_floats = _check_launch_options(block_size, lanes, units_per_block, cache_floats)
     stream = _as_stream(stream)
     on_host = not _is_device_array(d_outputs)
     T, N, H = _sequence_shape(d_outputs, "d_outputs", 1)
@@ -651,14 +687,12 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
 
 def _launch(kernels, data_args, N, H, stream, block_size, lanes, units_per_block, cache_floats,
             single_block):
-    """Checks the launch options, picks the grid, and launches.
+    """Picks the kernel and its grid, checks that the grid fits, and launches.
 
     Args:
         kernels: `(one_block_kernel, cooperative_kernel)`, which take
             `(units, lanes, cache_floats, *data_args)`.
     """
-    _check_block(block_size, lanes)
-    cache_floats = _check_cache_floats(cache_floats)
     if single_block is None:
         single_block = 4 * H * H <= cache_floats and N * 4 * H * H <= _SINGLE_BLOCK_WORK
     if single_block:
@@ -680,8 +714,6 @@ def _grid_shape(H, units_per_block, max_blocks, cache_floats, block_size):
         spread = -(-H // _multiprocessor_count())  # one block per SM
         units = max(min(fit, spread), -(-H // max_blocks))
     else:
-        if units_per_block < 1:
-            raise ValueError(f"units_per_block must be >= 1; received {units_per_block}.")
         units = units_per_block
     blocks = -(-H // units)
     if blocks > max_blocks:
@@ -704,7 +736,8 @@ def _multiprocessor_count():
     return getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
 
 
-def _check_block(block_size, lanes):
+def _check_launch_options(block_size, lanes, units_per_block, cache_floats):
+    """Validates the drivers' launch options; returns `cache_floats` with its default."""
     if lanes not in (1, 2, 4, 8, 16, 32):
         raise ValueError(f"lanes must be a power of two from 1 to 32; received {lanes}.")
     if not 1 <= block_size <= _MAX_THREADS or block_size % lanes:
@@ -713,9 +746,8 @@ def _check_block(block_size, lanes):
     if not _SIMULATED and block_size % 32:
         raise ValueError("block_size must be a multiple of 32 (warp shuffles need whole "
                          f"warps); received {block_size}.")
-
-
-def _check_cache_floats(cache_floats):
+    if units_per_block is not None and units_per_block < 1:
+        raise ValueError(f"units_per_block must be >= 1; received {units_per_block}.")
     if cache_floats is None:
         return _CACHE_FLOATS
     if not 0 <= cache_floats <= _CACHE_FLOATS:
@@ -728,7 +760,7 @@ def _transposed(matrix, block_size, stream):
     rows, cols = matrix.shape
     out = cuda.device_array((cols, rows), np.float32, stream=stream)
     grid = (min(-(-cols // _TILE), 1024), min(-(-rows // _TILE), 1024))
-    transpose[grid, (_TILE, max(1, min(block_size, _TILE * _TILE) // _TILE)), stream](matrix, out)
+    transpose[grid, (_TILE, max(1, block_size // _TILE)), stream](matrix, out)
     return out
 
 
@@ -753,7 +785,7 @@ def _sequence_shape(array, name, gate_factor):
 def _is_device_array(array):
     if cuda.devicearray.is_cuda_ndarray(array) or hasattr(array, "__cuda_array_interface__"):
         return True
-    if type(array).__name__ == "StridedMemoryView":
+    if isinstance(array, StridedMemoryView):
         return bool(array.is_device_accessible)
     dlpack_device = getattr(array, "__dlpack_device__", None)
     return dlpack_device is not None and dlpack_device()[0] in _DLPACK_CUDA_DEVICES
@@ -765,10 +797,8 @@ def _device_view(array):
         return array
     if hasattr(array, "__cuda_array_interface__"):
         return cuda.as_cuda_array(array, sync=False)
-    from cuda.core.utils import StridedMemoryView
-
     view = array if isinstance(array, StridedMemoryView) else StridedMemoryView.from_dlpack(
-        array, stream_ptr=-1)
+        array, stream_ptr=None)
     itemsize = np.dtype(view.dtype).itemsize
     strides = None if view.strides is None else tuple(s * itemsize for s in view.strides)
     interface = {"shape": tuple(view.shape), "strides": strides,

@@ -11,8 +11,9 @@
    barrier, so only the transpose kernel (no grid barrier) runs multi-block.
 2. PTX. The one-block kernels compile for sm_90 without a device; they share
    every device function with the cooperative kernels, which need a device to
-   compile (numba-cuda links cudadevrt for the grid barrier). Their PTX must
-   hold no float64 instruction and no local memory.
+   compile (numba-cuda asks the driver while compiling the grid barrier), so
+   only the barrier itself goes unchecked. Their PTX must hold no float64
+   instruction and no local memory.
 3. GPU. Multi-block cooperative launches against the CPU kernels, skipped
    without a device.
 """
@@ -28,15 +29,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-for _path in (str(ROOT), str(TESTS)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
 from numba import config, cuda, types  # noqa: E402
 
 import reference  # noqa: E402
-from kernels import cpu  # noqa: E402
-from kernels.gates import ACTIVATION_CODES  # noqa: E402
+from fusedlstm.kernels import cpu  # noqa: E402
+from fusedlstm.kernels.gates import ACTIVATION_CODES  # noqa: E402
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
 GPU = not SIMULATED and cuda.is_available()
@@ -184,6 +184,7 @@ def _validation_messages(kernels):
         "lanes": message(lanes=3),
         "block_size": message(block_size=12, lanes=8),
         "cache_floats": message(cache_floats=10 ** 6),
+        "units_per_block": message(units_per_block=0),
         "too_many_blocks": message(single_block=False, block_size=8, lanes=4,
                                    units_per_block=2),
         "single_block_units": message(single_block=True, block_size=8, lanes=4,
@@ -224,15 +225,15 @@ def _transpose_multiblock(kernels):
 
 
 def _selected_under_cuda_switch():
-    from kernels import cuda as cuda_kernels
-    from kernels.select import select_kernels
+    from fusedlstm.kernels import cuda as cuda_kernels
+    from fusedlstm.kernels.select import select_kernels
 
     os.environ["FUSEDLSTM_KERNEL"] = "cuda"
     return select_kernels(data_on_gpu=False) is cuda_kernels
 
 
 def _run_simulator_suite():
-    from kernels import cuda as cuda_kernels
+    from fusedlstm.kernels import cuda as cuda_kernels
 
     return {
         "cases": {name: _run_case(cuda_kernels, case) for name, case in CASES.items()},
@@ -285,8 +286,9 @@ def test_simulated_kernels_match_cpu_and_reference(simulated, name):
     ("device_dtype", "xw must be float32 on the device; received float64"),
     ("device_layout", "recurrent_kernel must be C-contiguous"),
     ("lanes", "lanes must be a power of two from 1 to 32; received 3"),
-    ("block_size", "block_size must be a multiple of lanes=8"),
+    ("block_size", "block_size must be a multiple of lanes=8 between 1 and 256; received 12"),
     ("cache_floats", "cache_floats must be between 0 and"),
+    ("units_per_block", "units_per_block must be >= 1; received 0"),
     ("too_many_blocks", "units_per_block=2 needs 3 blocks for H=5, but a cooperative launch"),
     ("single_block_units", "single_block=True needs units_per_block >= H=5"),
     ("backward_without_saved", "saved must be the (h_seq, c_seq, gates)"),
@@ -315,8 +317,8 @@ def test_simulated_cuda_switch_runs_cuda_kernels_on_cpu_data(simulated):
 
 
 def test_select_kernels(monkeypatch):
-    from kernels import cuda as cuda_kernels
-    from kernels.select import select_kernels
+    from fusedlstm.kernels import cuda as cuda_kernels
+    from fusedlstm.kernels.select import select_kernels
 
     monkeypatch.setenv("FUSEDLSTM_KERNEL", "cpu")
     assert select_kernels(data_on_gpu=True) is cpu
@@ -328,7 +330,7 @@ def test_select_kernels(monkeypatch):
 
 
 def test_select_kernels_rejects_unknown_value(monkeypatch):
-    from kernels.select import select_kernels
+    from fusedlstm.kernels.select import select_kernels
 
     monkeypatch.setenv("FUSEDLSTM_KERNEL", "gpu")
     with pytest.raises(ValueError, match=r"one of auto, cpu, cuda; received 'gpu'"):
@@ -360,9 +362,11 @@ _BACKWARD_SIGNATURE = _LAUNCH + (
     ("transpose", (_array(2), _array(2))),
 ])
 def test_ptx_has_no_float64_and_no_local_memory(name, signature):
-    from kernels import cuda as cuda_kernels
+    from fusedlstm.kernels import cuda as cuda_kernels
 
-    ptx, _ = cuda.compile_ptx(getattr(cuda_kernels, name).py_func, signature, cc=(9, 0))
+    kernel = getattr(cuda_kernels, name)
+    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0),
+                              launch_bounds=kernel.targetoptions.get("launch_bounds"))
     assert ptx.count(".f64") == 0
     assert ".local" not in ptx, "accumulators spilled to local memory"
 
@@ -393,7 +397,7 @@ def test_gpu_benchmark_script_help():
 ])
 @pytest.mark.parametrize("masked", [False, True])
 def test_gpu_kernels_match_cpu(N, H, T, launch, masked):
-    from kernels import cuda as cuda_kernels
+    from fusedlstm.kernels import cuda as cuda_kernels
 
     x = _case_inputs(T=T, N=N, H=H, mask="ragged" if masked else None, dropout=masked,
                      seed=N + H)
@@ -414,7 +418,7 @@ def test_gpu_torch_tensors_on_their_stream():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA")
-    from kernels import cuda as cuda_kernels
+    from fusedlstm.kernels import cuda as cuda_kernels
 
     x = _case_inputs(T=4, N=3, H=48)
     args = (x["xw"], x["recurrent_kernel"], x["h0"], x["c0"], None, None, 0, 1, False, True)

@@ -6,10 +6,18 @@ itself under any other backend. CI runs the suite a second time with
 and this module adds what only the torch backend has: the
 `torch.autograd.Function` against torch autograd through the stock layer,
 Keras's symbolic calls on "meta" tensors, and training, masks, dropout, mixed
-precision, wrappers and checkpoints under torch.
+precision, wrappers and checkpoints under torch. Its CUDA branch (device
+arrays in, weight gradients as torch ops) runs here in the Numba CUDA
+simulator, in a subprocess.
 
     KERAS_BACKEND=torch python -m pytest tests/test_torch_backend.py -q
 """
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -218,3 +226,46 @@ def test_weights_h5_load_across_layers(direction, tmp_path):
     target.load_weights(path)
     for s, t in zip(source.get_weights(), target.get_weights(), strict=True):
         assert s.tobytes() == t.tobytes()
+
+
+SIMULATOR_SCRIPT = """
+import json
+import numpy as np
+from test_torch_backend import make_pair, outputs_and_grads, padded_mask, random_inputs
+from fusedlstm.kernels.select import select_kernels
+
+assert select_kernels(data_on_gpu=False).__name__ == "fusedlstm.kernels.cuda"
+rng = np.random.default_rng(0)
+cases = {
+    "saved": ({"return_state": True}, {"training": True, "initial_state": True}),
+    "recomputed": ({"return_sequences": True}, {"training": False}),
+    "masked_dropouts": ({"dropout": 0.3, "recurrent_dropout": 0.4, "seed": 2,
+                         "return_sequences": True}, {"training": True, "mask": True}),
+}
+errors = {}
+for case, (kwargs, options) in cases.items():
+    stock, fused = make_pair(units=3, **kwargs)
+    x = random_inputs(rng, 3, 4, 4)
+    call = {"training": options["training"]}
+    if options.get("mask"):
+        call["mask"] = padded_mask("holes", 3, 4, rng)
+    if options.get("initial_state"):
+        call["initial_state"] = [rng.standard_normal((3, 3)).astype("float32") for _ in "hc"]
+    stock_out, stock_grads = outputs_and_grads(stock, x, **call)
+    fused_out, fused_grads = outputs_and_grads(fused, x, **call)
+    errors[case] = [max(float(np.abs(f - s).max()) for f, s in zip(fused_out, stock_out)),
+                    max(float(np.abs(f - s).max()) for f, s in zip(fused_grads, stock_grads))]
+print(json.dumps(errors))
+"""
+
+
+def test_cuda_kernel_branch_in_the_simulator():
+    env = dict(os.environ, KERAS_BACKEND="torch", FUSEDLSTM_KERNEL="cuda",
+               NUMBA_ENABLE_CUDASIM="1", TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", SIMULATOR_SCRIPT], capture_output=True,
+                            text=True, env=env, cwd=Path(__file__).parent, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    for case, (output_error, grad_error) in errors.items():
+        assert output_error <= OUTPUT_ATOL, case
+        assert grad_error <= GRAD_ATOL, case
