@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=["fusedlstm", "fusedlstm.kernels"],
     package_dir={"fusedlstm": "fusedlstm", "fusedlstm.kernels": "kernels"},
-    install_requires=["keras>=3.14", "numba>=0.60", "numpy", "scipy"],
+    install_requires=["keras>=3.14", "numba>=0.60", "numpy", "scipy", "threadpoolctl"],
     extras_require={
         "tensorflow": ["tensorflow>=2.16"],
         "tensorflow-cpu": ["tensorflow-cpu>=2.16"],

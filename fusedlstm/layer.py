@@ -176,7 +176,8 @@ class LSTM(keras.layers.LSTM):
         )
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        if self.use_fused is False:
+        if self.use_fused is False or sequences.shape[0] == 0:
+            # An empty batch behaves as in the stock layer of each backend.
             return super().inner_loop(sequences, initial_state, mask, training=training)
         if not self._fused_enabled():
             self._warn_fallback_once()
@@ -247,9 +248,9 @@ class LSTM(keras.layers.LSTM):
                 f"(batch_size, timesteps, features). Received: inputs.shape={shape}"
             )
         batch, steps, features = shape
-        if steps == 0 or batch == 0:
+        if steps == 0:
             raise ValueError(
-                f"Layer '{self.name}' needs at least one timestep and one sample. "
+                f"Layer '{self.name}' needs at least one timestep. "
                 f"Received: inputs.shape={shape}"
             )
         if self.built and getattr(self.cell, "kernel", None) is not None:

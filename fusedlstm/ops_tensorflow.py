@@ -1,12 +1,13 @@
 """TensorFlow glue: the fused LSTM sequence as a `tf.custom_gradient` op.
 
-The projection runs as TF matmuls. On the CPU, the recurrence and all
-gradients run in `tf.numpy_function` callbacks on the CPU kernels, whose NumPy
-host drivers allocate the outputs. On a GPU, the recurrence and its backward
-pass run in `tf.py_function` callbacks, whose GPU kernel hands them the GPU
-tensors as they are, on the CUDA kernels; the weight gradients run as TF
-matmuls on the GPU. When the forward pass ran without saving (inference), a
-gradient request recomputes it with saving.
+The projection and the inputs' gradient run as TF matmuls. On the CPU, the
+recurrence, its backward pass and the weight gradients run in
+`tf.numpy_function` callbacks on the CPU kernels, whose NumPy host drivers
+allocate the outputs. On a GPU, the recurrence and its backward pass run on
+the CUDA kernels in `tf.py_function` callbacks, whose GPU kernel hands them
+the GPU tensors as they are; the weight gradients run as TF matmuls there.
+When the forward pass ran without saving (inference), a gradient request
+recomputes it with saving.
 """
 
 import contextlib
@@ -53,20 +54,21 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
         def grad(d_outputs, d_h_n, d_c_n):
             saved = results[3:] if config.training else run_forward(*args, save=True)[3:]
             x, kernel, bias, recurrent_kernel, h0, c0 = args
+            d_results = [_zeros_if_none(d_outputs, results[0]),
+                         _zeros_if_none(d_h_n, h0), _zeros_if_none(d_c_n, c0)]
             if on_gpu:
-                d_results = [_zeros_if_none(d_outputs, results[0]),
-                             _zeros_if_none(d_h_n, h0), _zeros_if_none(d_c_n, c0)]
-                return _gpu_gradients(config, args, (mask, input_mask, recurrent_mask),
-                                      saved, d_results)
-            grads = tf.numpy_function(
-                functools.partial(_gradients, config),
-                [x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, *saved,
-                 _zeros_if_none(d_outputs, results[0]),
-                 _zeros_if_none(d_h_n, h0), _zeros_if_none(d_c_n, c0)],
-                [_F32] * 6, stateful=False)
-            for g, like in zip(grads, (x, kernel, bias, recurrent_kernel, h0, c0)):
+                grads = _gpu_gradients(config, x, recurrent_kernel,
+                                       (mask, input_mask, recurrent_mask), saved, d_results)
+            else:
+                grads = tf.numpy_function(
+                    functools.partial(_gradients, config),
+                    [x, recurrent_kernel, mask, input_mask, recurrent_mask, *saved, *d_results],
+                    [_F32] * 6, stateful=False)
+            for g, like in zip(grads, (saved[2], kernel, bias, recurrent_kernel, h0, c0)):
                 g.set_shape(like.shape)
-            return grads
+            d_xw, *weight_and_state_grads = grads
+            d_x = ops.input_grad(d_xw, kernel, _none_if_empty_tensor(input_mask))
+            return (d_x, *weight_and_state_grads)
 
         return tuple(results[:3]), grad
 
@@ -80,10 +82,10 @@ def _forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mask):
     return (outputs, h_n, c_n) + (tuple(saved) if save else ())
 
 
-def _gradients(config, x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask,
+def _gradients(config, x, recurrent_kernel, mask, input_mask, recurrent_mask,
                h_seq, c_seq, gates, d_outputs, d_h_n, d_c_n):
     return kernels.gradients(
-        x, kernel, recurrent_kernel, _none_if_empty(mask), _none_if_empty(input_mask),
+        x, recurrent_kernel, _none_if_empty(mask), _none_if_empty(input_mask),
         _none_if_empty(recurrent_mask), config.activation, config.recurrent_activation,
         config.zero_output_for_mask, (h_seq, c_seq, gates), d_outputs, d_h_n, d_c_n)
 
@@ -115,21 +117,20 @@ def _gpu_call(function, inputs, count):
     return tf.py_function(function, inputs, [_F32] * count)
 
 
-def _gpu_gradients(config, args, masks, saved, d_results):
-    """The six gradients: the backward kernel, then the projection's as TF ops."""
-    x, kernel, _, recurrent_kernel, h0, c0 = args
+def _gpu_gradients(config, x, recurrent_kernel, masks, saved, d_results):
+    """`(d_xw, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0)`, as `kernels.gradients`.
+
+    The backward kernel runs in a callback; the weight gradients run as TF ops.
+    """
     mask, input_mask, recurrent_mask = masks
     h_seq, c_seq, gates = saved
     d_xw, d_h0, d_c0 = _gpu_call(
         functools.partial(_gpu_backward, config),
         [recurrent_kernel, mask, recurrent_mask, c_seq, gates, *d_results], 3)
     d_xw.set_shape(gates.shape)
-    d_h0.set_shape(h0.shape)
-    d_c0.set_shape(c0.shape)
-    input_mask = _none_if_empty_tensor(input_mask)
-    recurrent_mask = _none_if_empty_tensor(recurrent_mask)
-    return [_input_grad(d_xw, kernel, input_mask), _gate_weight_grad(x, d_xw, input_mask),
-            tf.reduce_sum(d_xw, [0, 1]), _gate_weight_grad(h_seq[:-1], d_xw, recurrent_mask),
+    return [d_xw, _gate_weight_grad(x, d_xw, _none_if_empty_tensor(input_mask)),
+            tf.reduce_sum(d_xw, [0, 1]),
+            _gate_weight_grad(h_seq[:-1], d_xw, _none_if_empty_tensor(recurrent_mask)),
             d_h0, d_c0]
 
 
@@ -137,23 +138,10 @@ def _gate_weight_grad(inputs, d_xw, masks):
     """[K, 4H]: the sum over steps and rows of (inputs * masks[g]).T @ d_xw[g] per gate g."""
     if masks is None:
         return tf.einsum("tnk,tnj->kj", inputs, d_xw)
-    d_gates = _split_gates(d_xw)
+    shape = tf.shape(d_xw)
+    d_gates = tf.reshape(d_xw, [shape[0], shape[1], 4, -1])
     grad = tf.einsum("tnk,gnk,tngj->kgj", inputs, masks, d_gates)
     return tf.reshape(grad, [tf.shape(inputs)[-1], -1])
-
-
-def _input_grad(d_xw, kernel, masks):
-    """[T, N, C]: the gradient of the inputs through the projection."""
-    if masks is None:
-        return tf.einsum("tnj,kj->tnk", d_xw, kernel)
-    gate_kernels = tf.reshape(kernel, [tf.shape(kernel)[0], 4, -1])
-    return tf.einsum("tngj,kgj,gnk->tnk", _split_gates(d_xw), gate_kernels, masks)
-
-
-def _split_gates(d_xw):
-    """[T, N, 4H] -> [T, N, 4, H]."""
-    shape = tf.shape(d_xw)
-    return tf.reshape(d_xw, [shape[0], shape[1], 4, -1])
 
 
 def _gpu_forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mask):
@@ -221,6 +209,7 @@ def _device_arrays(*tensors):
 
 
 def _numba_array(tensor):
+    """A Numba device array over the memory of one eager GPU tensor, through DLPack."""
     from cuda.core.utils import StridedMemoryView
     from numba import cuda
 

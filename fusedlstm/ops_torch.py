@@ -1,9 +1,9 @@
 """PyTorch glue: the fused LSTM sequence as a `torch.autograd.Function`.
 
 CPU tensors reach the `njit` kernels as NumPy views that share their memory,
-and the CPU kernels compute every gradient, as on TensorFlow. CUDA tensors
-reach the CUDA kernels as they are (CUDA array interface), launched on
-PyTorch's current stream so that nothing waits on the host; the projection's
+and the CPU kernels compute the weight gradients, as on TensorFlow. CUDA
+tensors reach the CUDA kernels as they are (CUDA array interface), launched on
+PyTorch's current stream so that nothing waits on the host; the weight
 gradients then run as PyTorch matmuls on the device.
 
 Keras first calls layers on "meta" tensors to infer shapes: those calls get
@@ -75,25 +75,26 @@ def _forward(inputs, masks, config, save):
 
 def _gradients(inputs, masks, config, saved, d_results):
     """`(d_x, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0)` as tensors."""
-    x, kernel, bias, recurrent_kernel, h0, c0 = inputs
+    x, kernel, _, recurrent_kernel, _, _ = inputs
     mask, input_mask, recurrent_mask = masks
     codes = (config.activation, config.recurrent_activation, config.zero_output_for_mask)
     kernels = _kernels_for(x)
     if kernels is cpu:
-        arrays = _kernel_arrays(cpu, x, kernel, recurrent_kernel, mask, input_mask,
-                                recurrent_mask, *saved, *d_results)
-        grads = cpu.gradients(*arrays[:6], *codes, tuple(arrays[6:9]), *arrays[9:])
-        return _to_torch(grads, x.device)
-    _, c_seq, gates = saved
-    arrays = _kernel_arrays(kernels, recurrent_kernel, mask, recurrent_mask, c_seq, gates,
-                            *d_results)
-    with _launch_on(kernels, x.device) as options:
-        results = kernels.backward(*arrays[:3], *codes, (None, *arrays[3:5]), *arrays[5:],
-                                   **options)
-    d_xw, d_h0, d_c0 = _to_torch(results, x.device)
-    return (_input_grad(d_xw, kernel, input_mask), _gate_weight_grad(x, d_xw, input_mask),
-            d_xw.sum((0, 1)), _gate_weight_grad(saved[0][:-1], d_xw, recurrent_mask),
-            d_h0, d_c0)
+        d_xw, *grads = _to_torch(cpu.gradients(
+            *_kernel_arrays(cpu, x, recurrent_kernel, mask, input_mask, recurrent_mask),
+            *codes, tuple(_kernel_arrays(cpu, *saved)), *_kernel_arrays(cpu, *d_results)),
+            x.device)
+    else:
+        h_seq, c_seq, gates = saved
+        with _launch_on(kernels, x.device) as options:
+            results = kernels.backward(
+                *_kernel_arrays(kernels, recurrent_kernel, mask, recurrent_mask), *codes,
+                (None, *_kernel_arrays(kernels, c_seq, gates)),
+                *_kernel_arrays(kernels, *d_results), **options)
+        d_xw, d_h0, d_c0 = _to_torch(results, x.device)
+        grads = (_gate_weight_grad(x, d_xw, input_mask), d_xw.sum((0, 1)),
+                 _gate_weight_grad(h_seq[:-1], d_xw, recurrent_mask), d_h0, d_c0)
+    return (ops.input_grad(d_xw, kernel, input_mask), *grads)
 
 
 def _gate_weight_grad(inputs, d_xw, masks):
@@ -103,16 +104,6 @@ def _gate_weight_grad(inputs, d_xw, masks):
     steps, batch, units4 = d_xw.shape
     d_gates = d_xw.reshape(steps, batch, 4, units4 // 4)
     return torch.einsum("tnk,gnk,tngj->kgj", inputs, masks, d_gates).reshape(-1, units4)
-
-
-def _input_grad(d_xw, kernel, masks):
-    """[T, N, C]: the gradient of the inputs through the projection."""
-    if masks is None:
-        return d_xw @ kernel.T
-    steps, batch, units4 = d_xw.shape
-    d_gates = d_xw.reshape(steps, batch, 4, units4 // 4)
-    gate_kernels = kernel.reshape(kernel.shape[0], 4, units4 // 4)
-    return torch.einsum("tngj,kgj,gnk->tnk", d_gates, gate_kernels, masks)
 
 
 def _kernels_for(tensor):

@@ -11,10 +11,16 @@ before the first one). Recurrent dropout multiplies `h` by one mask per gate
 before the recurrent product, as `keras.layers.LSTMCell` does.
 """
 
+import numba
 import numpy as np
-from numba import njit
+import threadpoolctl
+from numba import njit, prange
 
 from .gates import compile_gates
+
+# Kernels run inside framework callbacks, possibly from several threads at once:
+# Numba's default workqueue layer aborts on concurrent parallel regions.
+numba.config.THREADING_LAYER = "threadsafe"
 
 _gates = compile_gates(njit(inline="always", error_model="numpy", cache=True))
 _cell_forward = _gates.cell_forward
@@ -22,48 +28,95 @@ _cell_backward = _gates.cell_backward
 
 
 @njit(error_model="numpy", cache=True)
-def _gate_blocks(recurrent_kernel, transpose):
-    """Splits [H, 4H] into four contiguous [H, H] blocks, transposed if asked."""
+def _pack_columns(recurrent_kernel, parts):
+    """[parts, 4, H, width]: part p's columns of each gate block of [H, 4H].
+
+    Part p owns hidden units [p * width, (p + 1) * width); columns past H stay zero.
+    """
     H = recurrent_kernel.shape[0]
-    blocks = np.empty((4, H, H), np.float32)
-    for g in range(4):
-        block = recurrent_kernel[:, g * H:(g + 1) * H]
-        blocks[g] = block.T if transpose else block
-    return blocks
+    width = -(-H // parts)
+    packed = np.zeros((parts, 4, H, width), np.float32)
+    for p in range(parts):
+        j0 = p * width
+        j1 = min(j0 + width, H)
+        for g in range(4):
+            packed[p, g, :, :j1 - j0] = recurrent_kernel[:, g * H + j0:g * H + j1]
+    return packed
 
 
 @njit(error_model="numpy", cache=True)
-def _recurrent_product(h, recurrent_kernel, blocks, recurrent_mask, z, masked_h, z_gate):
-    """z[N, 4H] = h @ recurrent_kernel, with one dropout mask per gate if given."""
-    if recurrent_mask.shape[0] == 0:
-        np.dot(h, recurrent_kernel, z)
-        return
-    H = h.shape[1]
-    for g in range(4):
-        np.multiply(h, recurrent_mask[g], masked_h)
-        np.dot(masked_h, blocks[g], z_gate)
-        z[:, g * H:(g + 1) * H] = z_gate
+def _pack_rows_transposed(recurrent_kernel, parts):
+    """[parts, 4H, width]: part p's rows of [H, 4H], transposed.
+
+    `d_xw[t] @ packed[p]` is then the recurrent gradient of part p's units.
+    """
+    H = recurrent_kernel.shape[0]
+    width = -(-H // parts)
+    packed = np.zeros((parts, 4 * H, width), np.float32)
+    for p in range(parts):
+        j0 = p * width
+        j1 = min(j0 + width, H)
+        packed[p, :, :j1 - j0] = recurrent_kernel[j0:j1].T
+    return packed
 
 
 @njit(error_model="numpy", cache=True)
-def _recurrent_grad(dz, recurrent_kernel_t, blocks_t, recurrent_mask, dh, dz_gate, dh_gate):
-    """dh[N, H] = dz @ recurrent_kernel.T, with the per-gate dropout masks if given."""
-    if recurrent_mask.shape[0] == 0:
-        np.dot(dz, recurrent_kernel_t, dh)
-        return
-    H = dh.shape[1]
-    dh[:] = 0
+def _forward_part(p, t, xw, packed, h_src, h_dst, c, mask, recurrent_mask,
+                  activation, recurrent_activation, zero_output_for_mask,
+                  outputs, gates, z, masked_h):
+    """One timestep for part p's hidden units: its recurrent product, then its gates.
+
+    Reads all of `h_src` [N, H]; writes only part p's columns of `h_dst`, `c`,
+    `outputs[t]` and `gates[t]`.
+    """
+    N, H = h_src.shape
+    width = packed.shape[3]
+    j0 = p * width
+    j1 = min(j0 + width, H)
     for g in range(4):
-        dz_gate[:] = dz[:, g * H:(g + 1) * H]
-        np.dot(dz_gate, blocks_t[g], dh_gate)
-        dh += dh_gate * recurrent_mask[g]
+        if recurrent_mask.shape[0] > 0:
+            np.multiply(h_src, recurrent_mask[g], masked_h)
+            np.dot(masked_h, packed[p, g], z[g])
+        else:
+            np.dot(h_src, packed[p, g], z[g])
+    save = gates.shape[0] > 0
+    for n in range(N):
+        if mask.shape[0] > 0 and not mask[t, n]:
+            keep_last = t > 0 and not zero_output_for_mask
+            for j in range(j0, j1):
+                h_dst[n, j] = h_src[n, j]
+                outputs[t, n, j] = outputs[t - 1, n, j] if keep_last else 0
+                if save:
+                    for g in range(4):
+                        gates[t, n, g * H + j] = 0
+            continue
+        for j in range(j0, j1):
+            k = j - j0
+            i, f, g_, o, c_new, h_new = _cell_forward(
+                xw[t, n, j] + z[0, n, k],
+                xw[t, n, H + j] + z[1, n, k],
+                xw[t, n, 2 * H + j] + z[2, n, k],
+                xw[t, n, 3 * H + j] + z[3, n, k],
+                c[n, j], activation, recurrent_activation)
+            c[n, j] = c_new
+            h_dst[n, j] = h_new
+            outputs[t, n, j] = h_new
+            if save:
+                gates[t, n, j] = i
+                gates[t, n, H + j] = f
+                gates[t, n, 2 * H + j] = g_
+                gates[t, n, 3 * H + j] = o
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
+@njit(nogil=True, parallel=True, error_model="numpy", cache=True)
 def lstm_forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
                  recurrent_activation, zero_output_for_mask,
-                 outputs, h_n, c_n, h_seq, c_seq, gates):
+                 outputs, h_n, c_n, h_seq, c_seq, gates, parts):
     """Runs the LSTM recurrence over all timesteps.
+
+    Each step splits the hidden units into `parts` slices run in parallel,
+    each doing its own recurrent product and gate math; the end of the
+    parallel loop is the barrier between steps.
 
     Args:
         xw: [T, N, 4H] input projection, bias included.
@@ -80,61 +133,111 @@ def lstm_forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
             written when training, else [0, N, H].
         gates: [T, N, 4H] gate activations i, f, g, o, written when
             training, else [0, N, 4H].
+        parts: how many slices of hidden units run in parallel (1: serial).
     """
     T, N, H = outputs.shape
-    masked = mask.shape[0] > 0
-    save = gates.shape[0] > 0
-    h = h0.copy()
+    packed = _pack_columns(recurrent_kernel, parts)
+    width = packed.shape[3]
+    h = np.empty((2, N, H), np.float32)
+    h[0] = h0
     c = c0.copy()
-    z = np.empty((N, 4 * H), np.float32)
-    masked_h = np.empty((N, H), np.float32)
-    z_gate = np.empty((N, H), np.float32)
-    blocks = _gate_blocks(recurrent_kernel, False)
+    z = np.empty((parts, 4, N, width), np.float32)
+    masked_h = np.empty((parts, N, H), np.float32)
+    save = gates.shape[0] > 0
     if save:
-        h_seq[0] = h
-        c_seq[0] = c
+        h_seq[0] = h0
+        c_seq[0] = c0
     for t in range(T):
-        _recurrent_product(h, recurrent_kernel, blocks, recurrent_mask, z, masked_h, z_gate)
-        for n in range(N):
-            if masked and not mask[t, n]:
-                for j in range(H):
-                    keep_last = t > 0 and not zero_output_for_mask
-                    outputs[t, n, j] = outputs[t - 1, n, j] if keep_last else 0
-                if save:
-                    gates[t, n] = 0
-                continue
-            for j in range(H):
-                i, f, g, o, c_new, h_new = _cell_forward(
-                    xw[t, n, j] + z[n, j],
-                    xw[t, n, H + j] + z[n, H + j],
-                    xw[t, n, 2 * H + j] + z[n, 2 * H + j],
-                    xw[t, n, 3 * H + j] + z[n, 3 * H + j],
-                    c[n, j], activation, recurrent_activation)
-                c[n, j] = c_new
-                h[n, j] = h_new
-                outputs[t, n, j] = h_new
-                if save:
-                    gates[t, n, j] = i
-                    gates[t, n, H + j] = f
-                    gates[t, n, 2 * H + j] = g
-                    gates[t, n, 3 * H + j] = o
+        src = h[t % 2]
+        dst = h[(t + 1) % 2]
+        if parts == 1:
+            _forward_part(0, t, xw, packed, src, dst, c, mask, recurrent_mask, activation,
+                          recurrent_activation, zero_output_for_mask, outputs, gates,
+                          z[0], masked_h[0])
+        else:
+            for p in prange(parts):
+                _forward_part(p, t, xw, packed, src, dst, c, mask, recurrent_mask, activation,
+                              recurrent_activation, zero_output_for_mask, outputs, gates,
+                              z[p], masked_h[p])
         if save:
-            h_seq[t + 1] = h
+            h_seq[t + 1] = dst
             c_seq[t + 1] = c
-    h_n[:] = h
+    h_n[:] = h[T % 2]
     c_n[:] = c
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True)
+def _backward_gates_part(p, t, width, mask, activation, recurrent_activation,
+                         zero_output_for_mask, c_seq, gates, d_outputs, dh, dc, carried, d_xw):
+    """Pointwise gradients of step t for part p's hidden units, all four gates.
+
+    Consumes `dh` and `dc` of part p's units; writes their columns of `d_xw[t]`.
+    """
+    N, H = dh.shape
+    j0 = p * width
+    j1 = min(j0 + width, H)
+    for n in range(N):
+        if mask.shape[0] > 0 and not mask[t, n]:
+            for j in range(j0, j1):
+                for g in range(4):
+                    d_xw[t, n, g * H + j] = 0
+                if zero_output_for_mask:
+                    carried[n, j] = 0
+                else:
+                    carried[n, j] += d_outputs[t, n, j]
+            continue
+        for j in range(j0, j1):
+            dzi, dzf, dzc, dzo, dc_prev = _cell_backward(
+                gates[t, n, j], gates[t, n, H + j], gates[t, n, 2 * H + j], gates[t, n, 3 * H + j],
+                c_seq[t, n, j], c_seq[t + 1, n, j],
+                d_outputs[t, n, j] + carried[n, j] + dh[n, j], dc[n, j],
+                activation, recurrent_activation)
+            d_xw[t, n, j] = dzi
+            d_xw[t, n, H + j] = dzf
+            d_xw[t, n, 2 * H + j] = dzc
+            d_xw[t, n, 3 * H + j] = dzo
+            dc[n, j] = dc_prev
+            carried[n, j] = 0
+
+
+@njit(error_model="numpy", cache=True)
+def _backward_recurrent_part(p, t, packed_t, mask, recurrent_mask, d_xw, dh, dh_part, dz_gate):
+    """dh of part p's units from all of `d_xw[t]`: through `recurrent_kernel`, masked rows kept."""
+    N, H = dh.shape
+    width = packed_t.shape[2]
+    j0 = p * width
+    j1 = min(j0 + width, H)
+    if recurrent_mask.shape[0] == 0:
+        np.dot(d_xw[t], packed_t[p], dh_part)
+    else:
+        dh_part[:] = 0
+        dh_gate = np.empty_like(dh_part)
+        for g in range(4):
+            dz_gate[:] = d_xw[t, :, g * H:(g + 1) * H]
+            np.dot(dz_gate, packed_t[p, g * H:(g + 1) * H], dh_gate)
+            for n in range(N):
+                for j in range(j0, j1):
+                    dh_part[n, j - j0] += dh_gate[n, j - j0] * recurrent_mask[g, n, j]
+    for n in range(N):
+        if mask.shape[0] == 0 or mask[t, n]:
+            for j in range(j0, j1):
+                dh[n, j] = dh_part[n, j - j0]
+
+
+@njit(nogil=True, parallel=True, error_model="numpy", cache=True)
 def lstm_backward(recurrent_kernel, mask, recurrent_mask, activation,
                   recurrent_activation, zero_output_for_mask,
                   c_seq, gates, d_outputs, d_h_n, d_c_n,
-                  d_xw, d_h0, d_c0):
+                  d_xw, d_h0, d_c0, parts):
     """Backpropagates through the recurrence (BPTT), in reverse time.
+
+    Each part of the hidden units first computes the recurrent gradient of
+    step t + 1 for its units, then the pointwise gradients of step t, which
+    need only its own units: one parallel loop, one barrier, per step.
 
     Args:
         recurrent_kernel, mask, recurrent_mask, activation,
-        recurrent_activation, zero_output_for_mask: as for `lstm_forward`.
+        recurrent_activation, zero_output_for_mask, parts: as for `lstm_forward`.
         c_seq: [T+1, N, H] and gates: [T, N, 4H], saved by `lstm_forward`.
         d_outputs: [T, N, H] gradient of the outputs.
         d_h_n, d_c_n: [N, H] gradients of the final states.
@@ -142,62 +245,55 @@ def lstm_backward(recurrent_kernel, mask, recurrent_mask, activation,
         d_h0, d_c0: [N, H] gradients of the initial states, written.
     """
     T, N, H = d_outputs.shape
-    masked = mask.shape[0] > 0
+    packed_t = _pack_rows_transposed(recurrent_kernel, parts)
+    width = packed_t.shape[2]
     dh = d_h_n.copy()
     dc = d_c_n.copy()
     carried = np.zeros((N, H), np.float32)
-    dh_rec = np.empty((N, H), np.float32)
-    dz_gate = np.empty((N, H), np.float32)
-    dh_gate = np.empty((N, H), np.float32)
-    recurrent_kernel_t = np.ascontiguousarray(recurrent_kernel.T)
-    blocks_t = _gate_blocks(recurrent_kernel, True)
-    for t in range(T - 1, -1, -1):
-        for n in range(N):
-            if masked and not mask[t, n]:
-                d_xw[t, n] = 0
-                for j in range(H):
-                    if zero_output_for_mask:
-                        carried[n, j] = 0
-                    else:
-                        carried[n, j] += d_outputs[t, n, j]
-                continue
-            for j in range(H):
-                dzi, dzf, dzc, dzo, dc_prev = _cell_backward(
-                    gates[t, n, j], gates[t, n, H + j],
-                    gates[t, n, 2 * H + j], gates[t, n, 3 * H + j],
-                    c_seq[t, n, j], c_seq[t + 1, n, j],
-                    d_outputs[t, n, j] + carried[n, j] + dh[n, j], dc[n, j],
-                    activation, recurrent_activation)
-                d_xw[t, n, j] = dzi
-                d_xw[t, n, H + j] = dzf
-                d_xw[t, n, 2 * H + j] = dzc
-                d_xw[t, n, 3 * H + j] = dzo
-                dc[n, j] = dc_prev
-                carried[n, j] = 0
-        _recurrent_grad(d_xw[t], recurrent_kernel_t, blocks_t, recurrent_mask,
-                        dh_rec, dz_gate, dh_gate)
-        for n in range(N):
-            if not masked or mask[t, n]:
-                dh[n] = dh_rec[n]
+    dh_part = np.empty((parts, N, width), np.float32)
+    dz_gate = np.empty((parts, N, H), np.float32)
+    for t in range(T, -1, -1):
+        if parts == 1:
+            _backward_step_part(0, t, T, width, packed_t, mask, recurrent_mask, activation,
+                                recurrent_activation, zero_output_for_mask, c_seq, gates,
+                                d_outputs, dh, dc, carried, d_xw, dh_part[0], dz_gate[0])
+        else:
+            for p in prange(parts):
+                _backward_step_part(p, t, T, width, packed_t, mask, recurrent_mask, activation,
+                                    recurrent_activation, zero_output_for_mask, c_seq, gates,
+                                    d_outputs, dh, dc, carried, d_xw, dh_part[p], dz_gate[p])
     d_h0[:] = dh
     d_c0[:] = dc
 
 
-_ROWS_PER_CHUNK = 64
+@njit(error_model="numpy", cache=True)
+def _backward_step_part(p, t, T, width, packed_t, mask, recurrent_mask, activation,
+                        recurrent_activation, zero_output_for_mask, c_seq, gates,
+                        d_outputs, dh, dc, carried, d_xw, dh_part, dz_gate):
+    if t < T:
+        _backward_recurrent_part(p, t, packed_t, mask, recurrent_mask, d_xw, dh, dh_part, dz_gate)
+    if t > 0:
+        _backward_gates_part(p, t - 1, width, mask, activation, recurrent_activation,
+                             zero_output_for_mask, c_seq, gates, d_outputs, dh, dc, carried, d_xw)
+
+
+_ROWS_PER_CHUNK = 32
 _COLUMNS_PER_BLOCK = 128
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
+@njit(nogil=True, parallel=True, error_model="numpy", cache=True)
 def accumulate_outer(a, b, out):
     """out[K1, K2] = a.T @ b for a [R, K1] and b [R, K2], summed in float64.
 
-    Weight gradients sum over all T * N rows. One float32 GEMM per chunk of 64
+    Weight gradients sum over all T * N rows. One float32 GEMM per chunk of 32
     rows, accumulated in float64 across chunks, keeps their error at the level
     of the per-step sums the stock layer makes; one long float32 GEMM does not.
     Columns go in blocks so that the float64 accumulator stays in cache.
     """
     K1 = a.shape[1]
-    for c0 in range(0, b.shape[1], _COLUMNS_PER_BLOCK):
+    blocks = -(-b.shape[1] // _COLUMNS_PER_BLOCK)
+    for block in prange(blocks):
+        c0 = block * _COLUMNS_PER_BLOCK
         c1 = min(c0 + _COLUMNS_PER_BLOCK, b.shape[1])
         b_block = np.ascontiguousarray(b[:, c0:c1])
         acc = np.zeros((K1, c1 - c0), np.float64)
@@ -236,7 +332,7 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
         np.ascontiguousarray(h0, f32), np.ascontiguousarray(c0, f32),
         _mask_or_empty(mask, N), _recurrent_mask_or_empty(recurrent_mask, N, H),
         activation, recurrent_activation, bool(zero_output_for_mask),
-        outputs, h_n, c_n, h_seq, c_seq, gates)
+        outputs, h_n, c_n, h_seq, c_seq, gates, _parts(N, H))
     saved = (h_seq, c_seq, gates) if training else None
     return outputs, h_n, c_n, saved
 
@@ -260,31 +356,30 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
         activation, recurrent_activation, bool(zero_output_for_mask),
         c_seq, gates, np.ascontiguousarray(d_outputs, f32),
         np.ascontiguousarray(d_h_n, f32), np.ascontiguousarray(d_c_n, f32),
-        d_xw, d_h0, d_c0)
+        d_xw, d_h0, d_c0, _parts(N, H))
     return d_xw, d_h0, d_c0
 
 
-def gradients(x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, activation,
+def gradients(x, recurrent_kernel, mask, input_mask, recurrent_mask, activation,
               recurrent_activation, zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n):
-    """All gradients of the layer's sequence op: projection and recurrence.
+    """The recurrence's gradients and the weight gradients, summed in float64.
 
     Args:
         x: [T, N, C] inputs (time-major, before input dropout).
-        kernel: [C, 4H]; input_mask: [4, N, C] per-gate input dropout or None.
+        input_mask: [4, N, C] per-gate input dropout or None.
         Others: as for `backward`.
 
     Returns:
-        `(d_x, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0)`.
+        `(d_xw, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0)`; the
+        framework computes the inputs' gradient from `d_xw`.
     """
     d_xw, d_h0, d_c0 = backward(
         recurrent_kernel, mask, recurrent_mask, activation, recurrent_activation,
         zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n)
-    x = np.asarray(x, np.float32)
-    d_kernel = _gate_weight_grad(x, d_xw, input_mask)
+    d_kernel = _gate_weight_grad(np.asarray(x, np.float32), d_xw, input_mask)
     d_recurrent_kernel = _gate_weight_grad(saved[0][:-1], d_xw, recurrent_mask)
     d_bias = d_xw.reshape(-1, d_xw.shape[-1]).sum(0, dtype=np.float64).astype(np.float32)
-    d_x = _input_grad(d_xw, np.asarray(kernel, np.float32), input_mask)
-    return d_x, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0
+    return d_xw, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0
 
 
 def _gate_weight_grad(inputs, d_xw, masks):
@@ -304,13 +399,25 @@ def _gate_weight_grad(inputs, d_xw, masks):
     return out
 
 
-def _input_grad(d_xw, kernel, masks):
-    """[T, N, C] gradient of the inputs through the projection."""
-    if masks is None:
-        return d_xw @ kernel.T
-    H = kernel.shape[1] // 4
-    return sum((d_xw[..., g * H:(g + 1) * H] @ kernel[:, g * H:(g + 1) * H].T) * masks[g]
-               for g in range(4))
+_MIN_MACS_PER_PART = 1 << 18
+
+
+def _parts(N, H):
+    """Slices of hidden units run in parallel: one per thread when a step has the work."""
+    return int(max(1, min(numba.get_num_threads(), N * 4 * H * H // _MIN_MACS_PER_PART, H)))
+
+
+def _single_threaded_scipy_blas():
+    """Numba's `np.dot` calls SciPy's BLAS from inside the kernels' own parallel
+    loops; BLAS threads of its own would only fight them."""
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the library)
+
+    for library in threadpoolctl.ThreadpoolController().lib_controllers:
+        if library.user_api == "blas" and "scipy.libs" in library.filepath:
+            library.set_num_threads(1)
+
+
+_single_threaded_scipy_blas()
 
 
 def _mask_or_empty(mask, N):

@@ -6,13 +6,27 @@ import numpy as np
 import fusedlstm
 
 
-def make_pair(seed=1, **kwargs):
+def make_pair(random_seed=1, **kwargs):
     """A stock and a fused layer built under the same random seed."""
-    keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(random_seed)
     stock = keras.layers.LSTM(**kwargs)
-    keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(random_seed)
     fused = fusedlstm.LSTM(**kwargs)
     return stock, fused
+
+
+def make_mask(kind, batch, steps, rng):
+    """A [N, T] bool mask: right- or left-padded, or with holes and a fully masked row."""
+    lengths = rng.integers(1, steps + 1, size=batch)
+    lengths[0] = steps
+    positions = np.arange(steps)[None, :]
+    if kind == "right":
+        return positions < lengths[:, None]
+    if kind == "left":
+        return positions >= (steps - lengths)[:, None]
+    mask = rng.random((batch, steps)) > 0.3
+    mask[-1] = False
+    return mask
 
 
 def to_numpy(x):
@@ -43,7 +57,7 @@ def _probe_loss(ys, seed):
     rng = np.random.default_rng(seed)
     loss = 0.0
     for y in ys:
-        probe = rng.standard_normal(tuple(y.shape)).astype("float32")
+        probe = keras.ops.convert_to_tensor(rng.standard_normal(tuple(y.shape)).astype("float32"))
         loss = loss + keras.ops.sum(keras.ops.cast(y, "float32") * probe)
     return loss
 

@@ -160,7 +160,7 @@ def train(layer_class, epochs=4, **kwargs):
     return model, np.array(history.history["loss"])
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"recurrent_dropout": 0.2, "dropout": 0.1}],
+@pytest.mark.parametrize("kwargs", [{}, {"recurrent_dropout": 0.2, "dropout": 0.1, "seed": 3}],
                          ids=["plain", "dropouts"])
 def test_training_loss_curves_match_stock(kwargs):
     _, stock_losses = train(keras.layers.LSTM, **kwargs)

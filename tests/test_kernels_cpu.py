@@ -67,13 +67,41 @@ def test_forward_and_gradients_match_reference(masked, dropped, zero_output):
     d_seq = rng.normal(size=seq.shape)
     d_h, d_c = rng.normal(size=h.shape), rng.normal(size=c.shape)
     want = reference.lstm_backward(tape, d_seq, d_h, d_c, zero_output_for_mask=zero_output)
-    got = cpu.gradients(x_t, W, U, mask_t, imask, rmask, gates.TANH, gates.SIGMOID,
+    got = cpu.gradients(x_t, U, mask_t, imask, rmask, gates.TANH, gates.SIGMOID,
                         zero_output, saved, d_seq.transpose(1, 0, 2).astype("float32"),
                         d_h.astype("float32"), d_c.astype("float32"))
-    names = ["x", "kernel", "bias", "recurrent_kernel", "h0", "c0"]
-    for name, g in zip(names, got):
-        g = g.transpose(1, 0, 2) if name == "x" else g
+    names = ["xw", "kernel", "bias", "recurrent_kernel", "h0", "c0"]
+    for name, g in zip(names[1:], got[1:]):
         np.testing.assert_allclose(g, want[name], atol=2e-5, err_msg=name)
+    d_x = sum((got[0][..., g * H:(g + 1) * H] @ W[:, g * H:(g + 1) * H].T)
+              * (1 if imask is None else imask[g]) for g in range(4))
+    np.testing.assert_allclose(d_x.transpose(1, 0, 2), want["x"], atol=2e-5)
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_parallel_parts_match_serial(dropped):
+    rng = np.random.default_rng(4)
+    N, T, H = 6, 5, 37
+    xw = rng.normal(size=(T, N, 4 * H)).astype("float32")
+    U = rng.normal(0, 0.3, (H, 4 * H)).astype("float32")
+    h0, c0 = (rng.normal(size=(N, H)).astype("float32") for _ in range(2))
+    mask = rng.random((T, N)) > 0.3
+    rmask = (rng.random((4, N, H)) > 0.3).astype("float32") if dropped else np.zeros((0, N, H), "float32")
+    d_out = rng.normal(size=(T, N, H)).astype("float32")
+    results = []
+    for parts in (1, 2, 3):
+        out, h_n, c_n = (np.empty(s, "float32") for s in ((T, N, H), (N, H), (N, H)))
+        h_seq, c_seq = np.empty((T + 1, N, H), "float32"), np.empty((T + 1, N, H), "float32")
+        gate_acts = np.empty((T, N, 4 * H), "float32")
+        cpu.lstm_forward(xw, U, h0, c0, mask, rmask, 0, 1, False, out, h_n, c_n,
+                         h_seq, c_seq, gate_acts, parts)
+        d_xw, d_h0, d_c0 = np.empty_like(xw), np.empty_like(h0), np.empty_like(c0)
+        cpu.lstm_backward(U, mask, rmask, 0, 1, False, c_seq, gate_acts, d_out, h0, c0,
+                          d_xw, d_h0, d_c0, parts)
+        results.append((out, h_n, c_n, d_xw, d_h0, d_c0))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_allclose(b, a, atol=1e-6)
 
 
 def test_inference_saves_nothing():

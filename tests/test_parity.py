@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import reference
-from helpers import make_pair, run_with_grads
+from helpers import make_mask, make_pair, run_with_grads
 
 # (batch, timesteps, input dim, units): every value of each axis appears.
 SIZES = [(1, 1, 1, 1), (5, 7, 4, 3), (32, 64, 13, 31), (5, 64, 1, 128),
@@ -28,10 +28,11 @@ FLAGS = {
     "mask_zero_output": ({"return_sequences": True, "zero_output_for_mask": True},
                          {"mask": "holes"}),
     "mask_backwards": ({"return_sequences": True, "go_backwards": True}, {"mask": "holes"}),
-    "dropout": ({"dropout": 0.3, "return_sequences": True}, {"training": True}),
-    "recurrent_dropout": ({"recurrent_dropout": 0.3, "return_sequences": True},
+    "dropout": ({"dropout": 0.3, "seed": 5, "return_sequences": True}, {"training": True}),
+    "recurrent_dropout": ({"recurrent_dropout": 0.3, "seed": 5, "return_sequences": True},
                           {"training": True}),
-    "both_dropouts_masked": ({"dropout": 0.2, "recurrent_dropout": 0.4, "return_state": True},
+    "both_dropouts_masked": ({"dropout": 0.2, "recurrent_dropout": 0.4, "seed": 5,
+                              "return_state": True},
                              {"training": True, "mask": "holes", "initial_state": True}),
     "softsign_hard_sigmoid": ({"activation": "softsign", "recurrent_activation": "hard_sigmoid",
                                "return_sequences": True}, {}),
@@ -39,20 +40,6 @@ FLAGS = {
     "linear_tanh": ({"activation": "linear", "recurrent_activation": "tanh"}, {}),
     "implementation_1": ({"implementation": 1, "return_sequences": True}, {"mask": "left"}),
 }
-
-
-def make_mask(kind, batch, steps, rng):
-    """A [N, T] bool mask: right- or left-padded, or with holes and a fully masked row."""
-    lengths = rng.integers(1, steps + 1, size=batch)
-    lengths[0] = steps
-    positions = np.arange(steps)[None, :]
-    if kind == "right":
-        return positions < lengths[:, None]
-    if kind == "left":
-        return positions >= (steps - lengths)[:, None]
-    mask = rng.random((batch, steps)) > 0.3
-    mask[-1] = False
-    return mask
 
 
 def randomize_weights(layer, features, rng):
@@ -138,7 +125,7 @@ def test_matches_stock_layer_and_float64_reference(flag, size):
     kwargs, options = FLAGS[flag]
     batch, steps, features, units = size
     rng = np.random.default_rng(zlib.crc32(f"{flag}{size}".encode()))
-    stock, fused = make_pair(units=units, seed=7, **kwargs)
+    stock, fused = make_pair(units=units, random_seed=7, **kwargs)
     x = rng.normal(size=(batch, steps, features)).astype("float32")
     mask = make_mask(options["mask"], batch, steps, rng) if "mask" in options else None
     states = None

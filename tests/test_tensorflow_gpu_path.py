@@ -75,7 +75,7 @@ def test_gpu_path_matches_stock_layer(case, gpu_path_on_cpu):
     states = None
     if options.get("initial_state"):
         states = [rng.standard_normal((batch, units)).astype("float32") for _ in range(2)]
-    stock, fused = make_pair(units=units, seed=3, **kwargs)
+    stock, fused = make_pair(units=units, random_seed=3, **kwargs)
     stock_out, stock_grads = run_with_grads(stock, x, mask, states, options["training"])
     fused_out, fused_grads = run_with_grads(fused, x, mask, states, options["training"])
     assert gpu_path_on_cpu.count("_gpu_backward") == 1
@@ -86,7 +86,7 @@ def test_gpu_path_matches_stock_layer(case, gpu_path_on_cpu):
 
 
 def test_gpu_path_in_a_graph(gpu_path_on_cpu):
-    stock, fused = make_pair(units=4, seed=2, return_sequences=True)
+    stock, fused = make_pair(units=4, random_seed=2, return_sequences=True)
     x = np.random.default_rng(0).standard_normal((3, 5, 2)).astype("float32")
 
     def outputs_and_grads(layer):

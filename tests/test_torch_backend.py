@@ -31,46 +31,10 @@ import torch
 import fusedlstm
 from fusedlstm import ops as fused_ops
 from fusedlstm import ops_torch
+from helpers import make_mask, make_pair, run_with_grads
 
 OUTPUT_ATOL = 1e-5
 GRAD_ATOL = 1e-4
-
-
-def make_pair(init_seed=1, **kwargs):
-    """A stock and a fused layer built from the same random seed.
-
-    Give dropout layers a `seed`: under torch, a layer without one draws its
-    dropout masks from torch's global generator, so two layers' masks differ.
-    """
-    keras.utils.set_random_seed(init_seed)
-    stock = keras.layers.LSTM(**kwargs)
-    keras.utils.set_random_seed(init_seed)
-    fused = fusedlstm.LSTM(**kwargs)
-    return stock, fused
-
-
-def outputs_and_grads(layer, x, mask=None, initial_state=None, training=False):
-    """Calls `layer` and backpropagates a fixed random projection of its outputs.
-
-    Returns:
-        `(outputs, grads)`: NumPy arrays of every output, and of the
-        gradients of `x`, of the initial states (when given) and of every
-        trainable weight.
-    """
-    xs = torch.tensor(x, requires_grad=True)
-    states = [torch.tensor(s, requires_grad=True) for s in initial_state or []]
-    mask = None if mask is None else torch.tensor(mask)
-    ys = layer(xs, mask=mask, initial_state=states or None, training=training)
-    ys = list(ys) if isinstance(ys, (list, tuple)) else [ys]
-    rng = np.random.default_rng(0)
-    loss = sum((y * torch.tensor(rng.standard_normal(tuple(y.shape)), dtype=y.dtype)).sum()
-               for y in ys)
-    for w in layer.trainable_weights:
-        w.value.grad = None
-    loss.backward()
-    sources = [xs] + states + [w.value for w in layer.trainable_weights]
-    return ([y.detach().numpy() for y in ys],
-            [s.grad.numpy() for s in sources])
 
 
 def assert_all_close(actual, expected, atol, what):
@@ -82,20 +46,11 @@ def assert_all_close(actual, expected, atol, what):
 
 
 def assert_matches_stock(stock, fused, x, **call):
-    stock_out, stock_grads = outputs_and_grads(stock, x, **call)
-    fused_out, fused_grads = outputs_and_grads(fused, x, **call)
+    stock_out, stock_grads = run_with_grads(stock, x, **call)
+    fused_out, fused_grads = run_with_grads(fused, x, **call)
     assert_all_close(fused_out, stock_out, OUTPUT_ATOL, "output")
-    assert_all_close(fused_grads, stock_grads, GRAD_ATOL, "gradient")
-
-
-def padded_mask(kind, batch, steps, rng):
-    """A [N, T] bool mask: left-padded, or with holes and one fully masked row."""
-    if kind == "left":
-        lengths = rng.integers(1, steps + 1, size=batch)
-        return np.arange(steps)[None, :] >= (steps - lengths)[:, None]
-    mask = rng.random((batch, steps)) > 0.3
-    mask[-1] = False
-    return mask
+    assert_all_close([fused_grads[k] for k in stock_grads], list(stock_grads.values()),
+                     GRAD_ATOL, "gradient")
 
 
 def random_inputs(rng, batch, steps, features):
@@ -116,7 +71,7 @@ def test_masks_match_stock_layer(kind):
     rng = np.random.default_rng(2)
     stock, fused = make_pair(units=5, return_sequences=True, return_state=True)
     assert_matches_stock(stock, fused, random_inputs(rng, 6, 8, 3),
-                         mask=padded_mask(kind, 6, 8, rng), training=True)
+                         mask=make_mask(kind, 6, 8, rng), training=True)
 
 
 def test_dropouts_use_the_stock_layer_masks():
@@ -133,7 +88,7 @@ def test_bidirectional_matches_stock_layer():
     keras.utils.set_random_seed(5)
     fused = keras.layers.Bidirectional(fusedlstm.LSTM(4, return_sequences=True))
     assert_matches_stock(stock, fused, random_inputs(rng, 3, 7, 2),
-                         mask=padded_mask("left", 3, 7, rng))
+                         mask=make_mask("left", 3, 7, rng))
 
 
 def test_symbolic_call_runs_no_kernel(monkeypatch):
@@ -182,56 +137,11 @@ def test_fit_one_epoch_matches_stock_model():
     assert_all_close(weights[1], weights[0], GRAD_ATOL, "weight after one epoch")
 
 
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_mixed_precision_output_dtype(policy):
-    rng = np.random.default_rng(9)
-    x = random_inputs(rng, 3, 5, 2)
-    keras.config.set_dtype_policy(policy)
-    try:
-        stock, fused = make_pair(units=4, return_state=True)
-        stock_out = stock(x)
-        fused_out = fused(x)
-    finally:
-        keras.config.set_dtype_policy("float32")
-    compute_dtype = policy.removeprefix("mixed_")
-    assert [keras.backend.standardize_dtype(o.dtype) for o in fused_out] == [compute_dtype] * 3
-    assert {w.dtype for w in fused.weights} == {"float32"}
-    for s, f in zip(stock_out, fused_out):
-        np.testing.assert_allclose(f.detach().float().numpy(), s.detach().float().numpy(),
-                                   atol=1e-2)
-
-
-def test_weights_byte_identical_to_stock_layer():
-    stock, fused = make_pair(init_seed=12, units=5, unit_forget_bias=True)
-    for layer in (stock, fused):
-        layer.build((None, 4, 3))
-    for s, f in zip(stock.get_weights(), fused.get_weights(), strict=True):
-        assert s.dtype == f.dtype and s.tobytes() == f.tobytes()
-
-
-def lstm_model(layer_class, seed):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((4, 3)), layer_class(5)])
-
-
-@pytest.mark.parametrize("direction", ["stock_to_fused", "fused_to_stock"])
-def test_weights_h5_load_across_layers(direction, tmp_path):
-    source_class, target_class = (keras.layers.LSTM, fusedlstm.LSTM)
-    if direction == "fused_to_stock":
-        source_class, target_class = target_class, source_class
-    source = lstm_model(source_class, seed=13)
-    target = lstm_model(target_class, seed=14)
-    path = str(tmp_path / "model.weights.h5")
-    source.save_weights(path)
-    target.load_weights(path)
-    for s, t in zip(source.get_weights(), target.get_weights(), strict=True):
-        assert s.tobytes() == t.tobytes()
-
-
 SIMULATOR_SCRIPT = """
 import json
 import numpy as np
-from test_torch_backend import make_pair, outputs_and_grads, padded_mask, random_inputs
+from helpers import make_mask, make_pair, run_with_grads
+from test_torch_backend import random_inputs
 from fusedlstm.kernels.select import select_kernels
 
 assert select_kernels(data_on_gpu=False).__name__ == "fusedlstm.kernels.cuda"
@@ -248,13 +158,13 @@ for case, (kwargs, options) in cases.items():
     x = random_inputs(rng, 3, 4, 4)
     call = {"training": options["training"]}
     if options.get("mask"):
-        call["mask"] = padded_mask("holes", 3, 4, rng)
+        call["mask"] = make_mask("holes", 3, 4, rng)
     if options.get("initial_state"):
         call["initial_state"] = [rng.standard_normal((3, 3)).astype("float32") for _ in "hc"]
-    stock_out, stock_grads = outputs_and_grads(stock, x, **call)
-    fused_out, fused_grads = outputs_and_grads(fused, x, **call)
+    stock_out, stock_grads = run_with_grads(stock, x, **call)
+    fused_out, fused_grads = run_with_grads(fused, x, **call)
     errors[case] = [max(float(np.abs(f - s).max()) for f, s in zip(fused_out, stock_out)),
-                    max(float(np.abs(f - s).max()) for f, s in zip(fused_grads, stock_grads))]
+                    max(float(np.abs(fused_grads[k] - g).max()) for k, g in stock_grads.items())]
 print(json.dumps(errors))
 """
 

@@ -23,7 +23,7 @@ INITIALIZER_CASES = {
 @pytest.mark.parametrize("unit_forget_bias", [True, False])
 @pytest.mark.parametrize("case", sorted(INITIALIZER_CASES))
 def test_get_weights_byte_identical_to_stock(case, unit_forget_bias, use_bias):
-    stock, fused = make_pair(seed=42, units=5, unit_forget_bias=unit_forget_bias,
+    stock, fused = make_pair(random_seed=42, units=5, unit_forget_bias=unit_forget_bias,
                              use_bias=use_bias, **INITIALIZER_CASES[case])
     stock.build((None, 3, 7))
     fused.build((None, 3, 7))
