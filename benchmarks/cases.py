@@ -47,7 +47,6 @@ def gemm_floor_ms(shape, mode, gflops=178.0):
 
 def make_keras(layer_class, shape, mode, case):
     """A Keras layer (stock or fused) called inside `tf.function`."""
-    import keras
     import tensorflow as tf
 
     x, mask, weights = problem(shape, case)

@@ -28,14 +28,14 @@ Everything (GPU name, versions, raw timings, errors) goes to
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
+
+from gpu_environment import gpu_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -103,32 +103,7 @@ def main(argv=None):
 def environment():
     import torch
 
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "gpu": torch.cuda.get_device_name(),
-        "multiprocessors": torch.cuda.get_device_properties(0).multi_processor_count,
-    }
-    for package in ("numpy", "numba", "numba-cuda", "cuda-core", "cuda-bindings"):
-        try:
-            info[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            info[package] = None
-    info["nvidia_smi"] = _command_output(
-        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-         "--format=csv,noheader"])
-    info["git_commit"] = _command_output(["git", "-C", str(ROOT), "rev-parse", "HEAD"])
-    return info
-
-
-def _command_output(command):
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return f"unavailable: {error}"
-    return done.stdout.strip() or done.stderr.strip()
+    return gpu_environment(torch)
 
 
 # ---------------------------------------------------------------------------

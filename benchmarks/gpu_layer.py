@@ -36,13 +36,12 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
+
+from gpu_environment import gpu_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -174,37 +173,16 @@ def _count_cudnn_calls(stack):
 
 def environment(stack):
     torch = stack.torch
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "gpu": torch.cuda.get_device_name(),
+    info = gpu_environment(torch)
+    info.update({
         "keras": stack.keras.__version__,
         "keras_backend": stack.keras.backend.backend(),
         "fusedlstm": stack.fusedlstm.__version__,
         "fusedlstm_kernel_env": os.environ.get("FUSEDLSTM_KERNEL", "auto"),
         "tf32_default": {"cudnn": torch.backends.cudnn.allow_tf32,
                          "matmul": torch.backends.cuda.matmul.allow_tf32},
-    }
-    for package in ("numpy", "numba", "numba-cuda", "cuda-core", "cuda-bindings"):
-        try:
-            info[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            info[package] = None
-    info["nvidia_smi"] = _command_output(
-        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-         "--format=csv,noheader"])
-    info["git_commit"] = _command_output(["git", "-C", str(ROOT), "rev-parse", "HEAD"])
+    })
     return info
-
-
-def _command_output(command):
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return f"unavailable: {error}"
-    return done.stdout.strip() or done.stderr.strip()
 
 
 def set_tf32(torch, enabled):
