@@ -79,6 +79,7 @@ def _forward_part(p, t, xw, packed, h_src, h_dst, c, mask, recurrent_mask,
             np.dot(masked_h, packed[p, g], z[g])
         else:
             np.dot(h_src, packed[p, g], z[g])
+    w = j1 - j0
     save = gates.shape[0] > 0
     for n in range(N):
         if mask.shape[0] > 0 and not mask[t, n]:
@@ -90,22 +91,36 @@ def _forward_part(p, t, xw, packed, h_src, h_dst, c, mask, recurrent_mask,
                     for g in range(4):
                         gates[t, n, g * H + j] = 0
             continue
-        for j in range(j0, j1):
-            k = j - j0
-            i, f, g_, o, c_new, h_new = _cell_forward(
-                xw[t, n, j] + z[0, n, k],
-                xw[t, n, H + j] + z[1, n, k],
-                xw[t, n, 2 * H + j] + z[2, n, k],
-                xw[t, n, 3 * H + j] + z[3, n, k],
-                c[n, j], activation, recurrent_activation)
-            c[n, j] = c_new
-            h_dst[n, j] = h_new
-            outputs[t, n, j] = h_new
-            if save:
-                gates[t, n, j] = i
-                gates[t, n, H + j] = f
-                gates[t, n, 2 * H + j] = g_
-                gates[t, n, 3 * H + j] = o
+        _cell_rows_forward(
+            xw[t, n, j0:j1], xw[t, n, H + j0:H + j1],
+            xw[t, n, 2 * H + j0:2 * H + j1], xw[t, n, 3 * H + j0:3 * H + j1],
+            z[0, n, :w], z[1, n, :w], z[2, n, :w], z[3, n, :w],
+            c[n, j0:j1], h_dst[n, j0:j1], outputs[t, n, j0:j1],
+            activation, recurrent_activation)
+        if save:
+            for g in range(4):
+                gates[t, n, g * H + j0:g * H + j1] = z[g, n, :w]
+
+
+@njit(error_model="numpy", cache=True)
+def _cell_rows_forward(xi, xf, xc, xo, zi, zf, zc, zo, c, h, out,
+                       activation, recurrent_activation):
+    """The cell update on [W] rows: pre-activations `x + z`, carry `c` updated in
+    place, new hidden state into `h` and `out`, gate activations back into `z`.
+
+    Contiguous one-dimensional rows are what lets LLVM vectorize the gate math.
+    """
+    for k in range(c.shape[0]):
+        i, f, g, o, c_new, h_new = _cell_forward(
+            xi[k] + zi[k], xf[k] + zf[k], xc[k] + zc[k], xo[k] + zo[k], c[k],
+            activation, recurrent_activation)
+        zi[k] = i
+        zf[k] = f
+        zc[k] = g
+        zo[k] = o
+        c[k] = c_new
+        h[k] = h_new
+        out[k] = h_new
 
 
 @njit(nogil=True, parallel=True, error_model="numpy", cache=True)
@@ -186,18 +201,26 @@ def _backward_gates_part(p, t, width, mask, activation, recurrent_activation,
                 else:
                     carried[n, j] += d_outputs[t, n, j]
             continue
-        for j in range(j0, j1):
-            dzi, dzf, dzc, dzo, dc_prev = _cell_backward(
-                gates[t, n, j], gates[t, n, H + j], gates[t, n, 2 * H + j], gates[t, n, 3 * H + j],
-                c_seq[t, n, j], c_seq[t + 1, n, j],
-                d_outputs[t, n, j] + carried[n, j] + dh[n, j], dc[n, j],
-                activation, recurrent_activation)
-            d_xw[t, n, j] = dzi
-            d_xw[t, n, H + j] = dzf
-            d_xw[t, n, 2 * H + j] = dzc
-            d_xw[t, n, 3 * H + j] = dzo
-            dc[n, j] = dc_prev
-            carried[n, j] = 0
+        _cell_rows_backward(
+            gates[t, n, j0:j1], gates[t, n, H + j0:H + j1],
+            gates[t, n, 2 * H + j0:2 * H + j1], gates[t, n, 3 * H + j0:3 * H + j1],
+            c_seq[t, n, j0:j1], c_seq[t + 1, n, j0:j1], d_outputs[t, n, j0:j1],
+            carried[n, j0:j1], dh[n, j0:j1], dc[n, j0:j1],
+            d_xw[t, n, j0:j1], d_xw[t, n, H + j0:H + j1],
+            d_xw[t, n, 2 * H + j0:2 * H + j1], d_xw[t, n, 3 * H + j0:3 * H + j1],
+            activation, recurrent_activation)
+
+
+@njit(error_model="numpy", cache=True)
+def _cell_rows_backward(i, f, g, o, c_prev, c, d_out, carried, dh, dc, dzi, dzf, dzc, dzo,
+                        activation, recurrent_activation):
+    """Gradients of the cell update on [W] rows; `dc` becomes the previous carry's
+    gradient and `carried` is consumed. Contiguous rows, so LLVM vectorizes."""
+    for k in range(c.shape[0]):
+        dzi[k], dzf[k], dzc[k], dzo[k], dc[k] = _cell_backward(
+            i[k], f[k], g[k], o[k], c_prev[k], c[k], d_out[k] + carried[k] + dh[k], dc[k],
+            activation, recurrent_activation)
+        carried[k] = 0
 
 
 @njit(error_model="numpy", cache=True)
