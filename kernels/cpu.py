@@ -344,12 +344,12 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
     H = H4 // 4
     f32 = np.float32
     steps = T if training else 0
-    outputs = np.empty((T, N, H), f32)
-    h_n = np.empty((N, H), f32)
-    c_n = np.empty((N, H), f32)
-    h_seq = np.empty((steps + 1 if training else 0, N, H), f32)
-    c_seq = np.empty_like(h_seq)
-    gates = np.empty((steps, N, H4), f32)
+    outputs = _aligned_empty((T, N, H))
+    h_n = _aligned_empty((N, H))
+    c_n = _aligned_empty((N, H))
+    h_seq = _aligned_empty((steps + 1 if training else 0, N, H))
+    c_seq = _aligned_empty(h_seq.shape)
+    gates = _aligned_empty((steps, N, H4))
     lstm_forward(
         np.ascontiguousarray(xw, f32), np.ascontiguousarray(recurrent_kernel, f32),
         np.ascontiguousarray(h0, f32), np.ascontiguousarray(c0, f32),
@@ -370,9 +370,9 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
     _, c_seq, gates = saved
     T, N, H = d_outputs.shape
     f32 = np.float32
-    d_xw = np.empty((T, N, 4 * H), f32)
-    d_h0 = np.empty((N, H), f32)
-    d_c0 = np.empty((N, H), f32)
+    d_xw = _aligned_empty((T, N, 4 * H))
+    d_h0 = _aligned_empty((N, H))
+    d_c0 = _aligned_empty((N, H))
     lstm_backward(
         np.ascontiguousarray(recurrent_kernel, f32), _mask_or_empty(mask, N),
         _recurrent_mask_or_empty(recurrent_mask, N, H),
@@ -409,7 +409,7 @@ def _gate_weight_grad(inputs, d_xw, masks):
     """[K, 4H] = sum over steps and rows of (inputs * mask_g).T @ d_xw_g per gate g."""
     K = inputs.shape[-1]
     H = d_xw.shape[-1] // 4
-    out = np.empty((K, 4 * H), np.float32)
+    out = _aligned_empty((K, 4 * H))
     if masks is None:
         accumulate_outer(inputs.reshape(-1, K), d_xw.reshape(-1, 4 * H), out)
         return out
@@ -441,6 +441,15 @@ def _single_threaded_scipy_blas():
 
 
 _single_threaded_scipy_blas()
+
+
+def _aligned_empty(shape, alignment=64):
+    """An uninitialized float32 array whose data is 64-byte aligned: TensorFlow
+    adopts such a callback result without copying it."""
+    size = int(np.prod(shape)) * 4
+    buffer = np.empty(size + alignment, np.uint8)
+    start = -buffer.ctypes.data % alignment
+    return buffer[start:start + size].view(np.float32).reshape(shape)
 
 
 def _mask_or_empty(mask, N):
