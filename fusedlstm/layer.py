@@ -196,7 +196,11 @@ class LSTM(keras.layers.LSTM):
             mask = None if mask is None else ops.flip(mask, axis=0)
         input_mask = recurrent_mask = None
         if training and 0.0 < cell.dropout < 1.0:
-            input_mask = self._per_gate(cell.get_dropout_mask(sequences[:, 0, :]))
+            dropout_mask = cell.get_dropout_mask(sequences[:, 0, :])
+            if isinstance(dropout_mask, (list, tuple)):
+                input_mask = self._per_gate(dropout_mask)
+            else:
+                x = x * ops.cast(dropout_mask, "float32")
         if training and 0.0 < cell.recurrent_dropout < 1.0:
             recurrent_mask = self._per_gate(cell.get_recurrent_dropout_mask(initial_state[0]))
         units = cell.units
@@ -217,16 +221,16 @@ class LSTM(keras.layers.LSTM):
             recurrent_mask,
             config,
         )
-        outputs = ops.transpose(outputs, (1, 0, 2))
-        last_output = outputs[:, -1]
-        if not self.return_sequences:
+        last_output = outputs[-1]
+        if self.return_sequences:
+            outputs = ops.transpose(outputs, (1, 0, 2))
+        else:
             outputs = ops.expand_dims(last_output, 1)
         return last_output, outputs, [h, c]
 
     @staticmethod
-    def _per_gate(recurrent_dropout_mask):
+    def _per_gate(masks):
         """[4, N, K] float32 from the cell's one or four cached dropout masks."""
-        masks = recurrent_dropout_mask
         if not isinstance(masks, (list, tuple)):
             masks = [masks] * 4
         return ops.stack([ops.cast(m, "float32") for m in masks])

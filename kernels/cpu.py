@@ -300,18 +300,19 @@ def _backward_step_part(p, t, T, width, packed_t, mask, recurrent_mask, activati
                              zero_output_for_mask, c_seq, gates, d_outputs, dh, dc, carried, d_xw)
 
 
-_ROWS_PER_CHUNK = 32
+_MIN_ROWS_PER_CHUNK = 32
 _COLUMNS_PER_BLOCK = 128
 
 
 @njit(nogil=True, parallel=True, error_model="numpy", cache=True)
-def accumulate_outer(a, b, out):
+def accumulate_outer(a, b, out, rows_per_chunk):
     """out[K1, K2] = a.T @ b for a [R, K1] and b [R, K2], summed in float64.
 
-    Weight gradients sum over all T * N rows. One float32 GEMM per chunk of 32
-    rows, accumulated in float64 across chunks, keeps their error at the level
-    of the per-step sums the stock layer makes; one long float32 GEMM does not.
-    Columns go in blocks so that the float64 accumulator stays in cache.
+    Weight gradients sum over all T * N rows. One float32 GEMM per chunk of
+    rows (one timestep's N rows, at least 32), accumulated in float64 across
+    chunks, keeps their error at the level of the per-step sums the stock
+    layer makes; one long float32 GEMM does not. Columns go in blocks so that
+    the float64 accumulator stays in cache.
     """
     K1 = a.shape[1]
     blocks = -(-b.shape[1] // _COLUMNS_PER_BLOCK)
@@ -321,8 +322,8 @@ def accumulate_outer(a, b, out):
         b_block = np.ascontiguousarray(b[:, c0:c1])
         acc = np.zeros((K1, c1 - c0), np.float64)
         part = np.empty((K1, c1 - c0), np.float32)
-        for r0 in range(0, a.shape[0], _ROWS_PER_CHUNK):
-            r1 = min(r0 + _ROWS_PER_CHUNK, a.shape[0])
+        for r0 in range(0, a.shape[0], rows_per_chunk):
+            r1 = min(r0 + rows_per_chunk, a.shape[0])
             np.dot(a[r0:r1].T, b_block[r0:r1], part)
             acc += part
         out[:, c0:c1] = acc
@@ -409,15 +410,16 @@ def _gate_weight_grad(inputs, d_xw, masks):
     """[K, 4H] = sum over steps and rows of (inputs * mask_g).T @ d_xw_g per gate g."""
     K = inputs.shape[-1]
     H = d_xw.shape[-1] // 4
+    rows = max(_MIN_ROWS_PER_CHUNK, inputs.shape[1])
     out = _aligned_empty((K, 4 * H))
     if masks is None:
-        accumulate_outer(inputs.reshape(-1, K), d_xw.reshape(-1, 4 * H), out)
+        accumulate_outer(inputs.reshape(-1, K), d_xw.reshape(-1, 4 * H), out, rows)
         return out
     block = np.empty((K, H), np.float32)
     for g in range(4):
         masked = np.ascontiguousarray(inputs * masks[g]).reshape(-1, K)
         d_gate = np.ascontiguousarray(d_xw[..., g * H:(g + 1) * H]).reshape(-1, H)
-        accumulate_outer(masked, d_gate, block)
+        accumulate_outer(masked, d_gate, block, rows)
         out[:, g * H:(g + 1) * H] = block
     return out
 

@@ -118,7 +118,7 @@ def test_accumulate_outer_sums_long_columns_accurately():
     a = rng.normal(size=(5000, 7)).astype("float32")
     b = rng.normal(size=(5000, 9)).astype("float32")
     out = np.empty((7, 9), "float32")
-    cpu.accumulate_outer(a, b, out)
+    cpu.accumulate_outer(a, b, out, 32)
     exact = a.astype("float64").T @ b.astype("float64")
     one_gemm = np.abs(a.T @ b - exact).max()
     assert np.abs(out - exact).max() < min(one_gemm, 4e-7 * np.abs(exact).max())
