@@ -9,11 +9,13 @@ import threading
 import warnings
 
 import keras
+import numba
 import numpy as np
 import pytest
 
 import fusedlstm
 import fusedlstm.ops
+from fusedlstm.kernels import cpu as cpu_kernels
 from helpers import make_pair, to_numpy
 
 ON_TF = keras.backend.backend() == "tensorflow"
@@ -228,11 +230,13 @@ def test_use_fused_false_is_the_stock_layer(fused_calls):
 
 
 def test_concurrent_calls_from_threads_agree():
-    x = np.random.default_rng(0).normal(size=(8, 30, 6)).astype("float32")
+    # Large enough that each call runs its steps as parallel regions.
+    x = np.random.default_rng(0).normal(size=(32, 30, 6)).astype("float32")
+    assert cpu_kernels._parts(32, 64) > 1 or numba.get_num_threads() == 1
     layers = []
     for seed in (1, 2):
         keras.utils.set_random_seed(seed)
-        layers.append(fusedlstm.LSTM(16, return_sequences=True))
+        layers.append(fusedlstm.LSTM(64, return_sequences=True))
     expected = [to_numpy(layer(x)) for layer in layers]
     errors = []
 
