@@ -83,3 +83,19 @@ def input_grad(d_xw, kernel, input_mask):
     if input_mask is not None:
         grads = [grad * input_mask[g] for g, grad in enumerate(grads)]
     return (grads[0] + grads[1]) + (grads[2] + grads[3])
+
+
+def gate_weight_grad(inputs, d_xw, masks):
+    """[K, 4H]: the sum over steps and rows of (inputs * masks[g]).T @ d_xw_g per gate g.
+
+    The GPU paths' weight gradients; the CPU kernels sum them in float64.
+
+    Args:
+        inputs: [T, N, K]; d_xw: [T, N, 4H]; masks: [4, N, K] or None.
+    """
+    if masks is None:
+        return ops.einsum("tnk,tnj->kj", inputs, d_xw)
+    shape = ops.shape(d_xw)
+    d_gates = ops.reshape(d_xw, (shape[0], shape[1], 4, -1))
+    grad = ops.einsum("tnk,gnk,tngj->kgj", inputs, masks, d_gates)
+    return ops.reshape(grad, (ops.shape(inputs)[-1], -1))

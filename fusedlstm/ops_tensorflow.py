@@ -128,20 +128,10 @@ def _gpu_gradients(config, x, recurrent_kernel, masks, saved, d_results):
         functools.partial(_gpu_backward, config),
         [recurrent_kernel, mask, recurrent_mask, c_seq, gates, *d_results], 3)
     d_xw.set_shape(gates.shape)
-    return [d_xw, _gate_weight_grad(x, d_xw, _none_if_empty_tensor(input_mask)),
+    return [d_xw, ops.gate_weight_grad(x, d_xw, _none_if_empty_tensor(input_mask)),
             tf.reduce_sum(d_xw, [0, 1]),
-            _gate_weight_grad(h_seq[:-1], d_xw, _none_if_empty_tensor(recurrent_mask)),
+            ops.gate_weight_grad(h_seq[:-1], d_xw, _none_if_empty_tensor(recurrent_mask)),
             d_h0, d_c0]
-
-
-def _gate_weight_grad(inputs, d_xw, masks):
-    """[K, 4H]: the sum over steps and rows of (inputs * masks[g]).T @ d_xw[g] per gate g."""
-    if masks is None:
-        return tf.einsum("tnk,tnj->kj", inputs, d_xw)
-    shape = tf.shape(d_xw)
-    d_gates = tf.reshape(d_xw, [shape[0], shape[1], 4, -1])
-    grad = tf.einsum("tnk,gnk,tngj->kgj", inputs, masks, d_gates)
-    return tf.reshape(grad, [tf.shape(inputs)[-1], -1])
 
 
 def _gpu_forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mask):

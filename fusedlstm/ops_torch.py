@@ -92,18 +92,9 @@ def _gradients(inputs, masks, config, saved, d_results):
                 (None, *_kernel_arrays(kernels, c_seq, gates)),
                 *_kernel_arrays(kernels, *d_results), **options)
         d_xw, d_h0, d_c0 = _to_torch(results, x.device)
-        grads = (_gate_weight_grad(x, d_xw, input_mask), d_xw.sum((0, 1)),
-                 _gate_weight_grad(h_seq[:-1], d_xw, recurrent_mask), d_h0, d_c0)
+        grads = (ops.gate_weight_grad(x, d_xw, input_mask), d_xw.sum((0, 1)),
+                 ops.gate_weight_grad(h_seq[:-1], d_xw, recurrent_mask), d_h0, d_c0)
     return (ops.input_grad(d_xw, kernel, input_mask), *grads)
-
-
-def _gate_weight_grad(inputs, d_xw, masks):
-    """[K, 4H]: the sum over steps and rows of (inputs * masks[g]).T @ d_xw[g] per gate g."""
-    if masks is None:
-        return torch.einsum("tnk,tnj->kj", inputs, d_xw)
-    steps, batch, units4 = d_xw.shape
-    d_gates = d_xw.reshape(steps, batch, 4, units4 // 4)
-    return torch.einsum("tnk,gnk,tngj->kgj", inputs, masks, d_gates).reshape(-1, units4)
 
 
 def _kernels_for(tensor):
