@@ -1,5 +1,6 @@
 """fusedlstm.LSTM behaves as keras.layers.LSTM everywhere Keras uses a layer."""
 
+import doctest
 import json
 import os
 import subprocess
@@ -68,6 +69,15 @@ def test_config_round_trip_keeps_every_argument():
     assert stock_keys | {"use_fused", "use_cudnn"} == set(config)
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     assert isinstance(restored, fusedlstm.LSTM) and restored.get_config() == config
+
+
+@pytest.mark.skipif(not ON_TF, reason="the example prints TensorFlow shapes")
+def test_docstring_example_runs():
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(fusedlstm.LSTM, "LSTM"):
+        runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.attempted >= 6 and results.failed == 0
 
 
 def test_supports_jit_is_off_when_fused():
