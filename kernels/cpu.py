@@ -224,8 +224,12 @@ def _cell_rows_backward(i, f, g, o, c_prev, c, d_out, carried, dh, dc, dzi, dzf,
 
 
 @njit(error_model="numpy", cache=True)
-def _backward_recurrent_part(p, t, packed_t, mask, recurrent_mask, d_xw, dh, dh_part, dz_gate):
-    """dh of part p's units from all of `d_xw[t]`: through `recurrent_kernel`, masked rows kept."""
+def _backward_recurrent_part(p, t, packed_t, mask, recurrent_mask, d_xw, dh, dh_part, dz_gate,
+                             dh_gate):
+    """dh of part p's units from all of `d_xw[t]`: through `recurrent_kernel`, masked rows kept.
+
+    `dz_gate` [N, H] and `dh_gate` [N, width] are scratch for recurrent dropout.
+    """
     N, H = dh.shape
     width = packed_t.shape[2]
     j0 = p * width
@@ -234,7 +238,6 @@ def _backward_recurrent_part(p, t, packed_t, mask, recurrent_mask, d_xw, dh, dh_
         np.dot(d_xw[t], packed_t[p], dh_part)
     else:
         dh_part[:] = 0
-        dh_gate = np.empty_like(dh_part)
         for g in range(4):
             dz_gate[:] = d_xw[t, :, g * H:(g + 1) * H]
             np.dot(dz_gate, packed_t[p, g * H:(g + 1) * H], dh_gate)
@@ -275,16 +278,19 @@ def lstm_backward(recurrent_kernel, mask, recurrent_mask, activation,
     carried = np.zeros((N, H), np.float32)
     dh_part = np.empty((parts, N, width), np.float32)
     dz_gate = np.empty((parts, N, H), np.float32)
+    dh_gate = np.empty((parts, N, width), np.float32)
     for t in range(T, -1, -1):
         if parts == 1:
             _backward_step_part(0, t, T, width, packed_t, mask, recurrent_mask, activation,
                                 recurrent_activation, zero_output_for_mask, c_seq, gates,
-                                d_outputs, dh, dc, carried, d_xw, dh_part[0], dz_gate[0])
+                                d_outputs, dh, dc, carried, d_xw, dh_part[0], dz_gate[0],
+                                dh_gate[0])
         else:
             for p in prange(parts):
                 _backward_step_part(p, t, T, width, packed_t, mask, recurrent_mask, activation,
                                     recurrent_activation, zero_output_for_mask, c_seq, gates,
-                                    d_outputs, dh, dc, carried, d_xw, dh_part[p], dz_gate[p])
+                                    d_outputs, dh, dc, carried, d_xw, dh_part[p], dz_gate[p],
+                                    dh_gate[p])
     d_h0[:] = dh
     d_c0[:] = dc
 
@@ -292,9 +298,10 @@ def lstm_backward(recurrent_kernel, mask, recurrent_mask, activation,
 @njit(error_model="numpy", cache=True)
 def _backward_step_part(p, t, T, width, packed_t, mask, recurrent_mask, activation,
                         recurrent_activation, zero_output_for_mask, c_seq, gates,
-                        d_outputs, dh, dc, carried, d_xw, dh_part, dz_gate):
+                        d_outputs, dh, dc, carried, d_xw, dh_part, dz_gate, dh_gate):
     if t < T:
-        _backward_recurrent_part(p, t, packed_t, mask, recurrent_mask, d_xw, dh, dh_part, dz_gate)
+        _backward_recurrent_part(p, t, packed_t, mask, recurrent_mask, d_xw, dh, dh_part,
+                                 dz_gate, dh_gate)
     if t > 0:
         _backward_gates_part(p, t - 1, width, mask, activation, recurrent_activation,
                              zero_output_for_mask, c_seq, gates, d_outputs, dh, dc, carried, d_xw)
@@ -344,13 +351,12 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
     T, N, H4 = xw.shape
     H = H4 // 4
     f32 = np.float32
-    steps = T if training else 0
     outputs = _aligned_empty((T, N, H))
     h_n = _aligned_empty((N, H))
     c_n = _aligned_empty((N, H))
-    h_seq = _aligned_empty((steps + 1 if training else 0, N, H))
+    h_seq = _aligned_empty((T + 1 if training else 0, N, H))
     c_seq = _aligned_empty(h_seq.shape)
-    gates = _aligned_empty((steps, N, H4))
+    gates = _aligned_empty((T if training else 0, N, H4))
     lstm_forward(
         np.ascontiguousarray(xw, f32), np.ascontiguousarray(recurrent_kernel, f32),
         np.ascontiguousarray(h0, f32), np.ascontiguousarray(c0, f32),
