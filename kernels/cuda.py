@@ -287,21 +287,9 @@ def lstm_forward_persistent(units, lanes, cache_floats, xw, recurrent_kernel_t, 
         lanes: threads per unit group, a power of two up to 32.
         cache_floats: shared-memory floats used to cache weights, at most
             `_CACHE_FLOATS`.
-        xw: [T, N, 4H] input projection, bias included.
         recurrent_kernel_t: [4H, H], `recurrent_kernel` transposed.
-        h0, c0: [N, H] initial states.
-        mask: [T, N] bool, or [0, N] for no mask.
-        recurrent_mask: [4, N, H] recurrent dropout masks, or [0, N, H].
-        activation, recurrent_activation: codes from `gates.ACTIVATION_CODES`.
-        zero_output_for_mask: masked steps output zeros instead of the last
-            unmasked output.
-        outputs: [T, N, H], written.
-        h_n, c_n: [N, H] final states, written.
-        h_seq, c_seq: [T+1, N, H] states with slot 0 the initial state,
-            written when training, else [0, N, H].
-        gates: [T, N, 4H] gate activations i, f, g, o, written when
-            training, else [0, N, 4H].
         h_buf: [2, N, H] scratch: the hidden state, double-buffered.
+        Others: as for `kernels.cpu.lstm_forward`.
     """
     grid = cuda.cg.this_grid()
     cache = cuda.shared.array(_CACHE_FLOATS, float32)
