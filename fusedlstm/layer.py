@@ -246,12 +246,7 @@ class LSTM(keras.layers.LSTM):
 
     def _check_call_args(self, sequences, initial_state, mask):
         shape = tuple(sequences.shape)
-        if len(shape) != 3:
-            raise ValueError(
-                f"Layer '{self.name}' expects inputs of rank 3, "
-                f"(batch_size, timesteps, features). Received: inputs.shape={shape}"
-            )
-        batch, steps, features = shape
+        batch, steps, features = shape  # rank 3: Keras checks `input_spec` first
         if steps == 0:
             raise ValueError(
                 f"Layer '{self.name}' needs at least one timestep. "
