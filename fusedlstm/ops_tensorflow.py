@@ -16,7 +16,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from fusedlstm import ops
+from fusedlstm import projection
 from fusedlstm.kernels import cpu as kernels
 from fusedlstm.kernels.select import select_kernels
 
@@ -35,7 +35,7 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
     on_gpu = _uses_cuda_kernels(x)
 
     def run_forward(x, kernel, bias, recurrent_kernel, h0, c0, save):
-        xw = ops.input_projection(x, kernel, bias, _none_if_empty(input_mask))
+        xw = projection.input_projection(x, kernel, bias, _none_if_empty(input_mask))
         inputs = [xw, recurrent_kernel, h0, c0, mask, recurrent_mask]
         count = 6 if save else 3
         if on_gpu:
@@ -67,7 +67,7 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
             for g, like in zip(grads, (saved[2], kernel, bias, recurrent_kernel, h0, c0)):
                 g.set_shape(like.shape)
             d_xw, *weight_and_state_grads = grads
-            d_x = ops.input_grad(d_xw, kernel, _none_if_empty(input_mask))
+            d_x = projection.input_grad(d_xw, kernel, _none_if_empty(input_mask))
             return (d_x, *weight_and_state_grads)
 
         return tuple(results[:3]), grad
@@ -128,9 +128,9 @@ def _gpu_gradients(config, x, recurrent_kernel, masks, saved, d_results):
         functools.partial(_gpu_backward, config),
         [recurrent_kernel, mask, recurrent_mask, c_seq, gates, *d_results], 3)
     d_xw.set_shape(gates.shape)
-    return [d_xw, ops.gate_weight_grad(x, d_xw, _none_if_empty(input_mask)),
+    return [d_xw, projection.gate_weight_grad(x, d_xw, _none_if_empty(input_mask)),
             tf.reduce_sum(d_xw, [0, 1]),
-            ops.gate_weight_grad(h_seq[:-1], d_xw, _none_if_empty(recurrent_mask)),
+            projection.gate_weight_grad(h_seq[:-1], d_xw, _none_if_empty(recurrent_mask)),
             d_h0, d_c0]
 
 

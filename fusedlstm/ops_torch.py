@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from fusedlstm import ops
+from fusedlstm import projection
 from fusedlstm.kernels import cpu
 from fusedlstm.kernels.select import select_kernels
 
@@ -62,7 +62,7 @@ def _forward(inputs, masks, config, save):
     """
     x, kernel, bias, recurrent_kernel, h0, c0 = inputs
     mask, input_mask, recurrent_mask = masks
-    xw = ops.input_projection(x, kernel, bias, input_mask)
+    xw = projection.input_projection(x, kernel, bias, input_mask)
     kernels = _kernels_for(x)
     with _launch_on(kernels, x.device) as options:
         outputs, h_n, c_n, saved = kernels.forward(
@@ -92,9 +92,9 @@ def _gradients(inputs, masks, config, saved, d_results):
                 (None, *_kernel_arrays(kernels, c_seq, gates)),
                 *_kernel_arrays(kernels, *d_results), **options)
         d_xw, d_h0, d_c0 = _to_torch(results, x.device)
-        grads = (ops.gate_weight_grad(x, d_xw, input_mask), d_xw.sum((0, 1)),
-                 ops.gate_weight_grad(h_seq[:-1], d_xw, recurrent_mask), d_h0, d_c0)
-    return (ops.input_grad(d_xw, kernel, input_mask), *grads)
+        grads = (projection.gate_weight_grad(x, d_xw, input_mask), d_xw.sum((0, 1)),
+                 projection.gate_weight_grad(h_seq[:-1], d_xw, recurrent_mask), d_h0, d_c0)
+    return (projection.input_grad(d_xw, kernel, input_mask), *grads)
 
 
 def _kernels_for(tensor):
