@@ -188,19 +188,19 @@ class LSTM(keras.layers.LSTM):
 
     def _fused_loop(self, sequences, initial_state, mask, training):
         cell = self.cell
-        x = ops.transpose(ops.cast(sequences, "float32"), (1, 0, 2))
+        x = ops.cast(sequences, "float32")
         if mask is not None:
-            mask = ops.transpose(ops.cast(mask, "bool"))
+            mask = ops.cast(mask, "bool")
         if self.go_backwards:
-            x = ops.flip(x, axis=0)
-            mask = None if mask is None else ops.flip(mask, axis=0)
+            x = ops.flip(x, axis=1)
+            mask = None if mask is None else ops.flip(mask, axis=1)
         input_mask = recurrent_mask = None
         if training and 0.0 < cell.dropout < 1.0:
             dropout_mask = cell.get_dropout_mask(sequences[:, 0, :])
             if isinstance(dropout_mask, (list, tuple)):
                 input_mask = self._per_gate(dropout_mask)
             else:
-                x = x * ops.cast(dropout_mask, "float32")
+                x = x * ops.expand_dims(ops.cast(dropout_mask, "float32"), 1)
         if training and 0.0 < cell.recurrent_dropout < 1.0:
             recurrent_mask = self._per_gate(cell.get_recurrent_dropout_mask(initial_state[0]))
         units = cell.units
@@ -221,10 +221,8 @@ class LSTM(keras.layers.LSTM):
             recurrent_mask,
             config,
         )
-        last_output = outputs[-1]
-        if self.return_sequences:
-            outputs = ops.transpose(outputs, (1, 0, 2))
-        else:
+        last_output = outputs[:, -1]
+        if not self.return_sequences:
             outputs = ops.expand_dims(last_output, 1)
         return last_output, outputs, [h, c]
 

@@ -38,16 +38,16 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
     """Runs the fused LSTM over a time-major sequence on the active Keras backend.
 
     Args:
-        x: [T, N, C] float32 inputs, in the order the steps run.
+        x: [N, T, C] float32 inputs (batch-major), in the order the steps run.
         kernel: [C, 4H]; bias: [4H]; recurrent_kernel: [H, 4H]; all float32.
         h0, c0: [N, H] float32 initial states.
-        mask: [T, N] bool or None.
+        mask: [N, T] bool or None.
         input_mask: [4, N, C] float32 per-gate input dropout masks, or None.
         recurrent_mask: [4, N, H] float32 per-gate recurrent dropout masks, or None.
         config: a `RecurrenceConfig`.
 
     Returns:
-        `(outputs [T, N, H], h_n [N, H], c_n [N, H])`.
+        `(outputs [N, T, H], h_n [N, H], c_n [N, H])`.
     """
     name = backend.backend()
     if name == "tensorflow":

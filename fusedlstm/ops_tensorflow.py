@@ -1,12 +1,11 @@
 """TensorFlow glue: the fused LSTM sequence as a `tf.custom_gradient` op.
 
-The projection and the inputs' gradient run as TF matmuls. On the CPU, the
-recurrence, its backward pass and the weight gradients run in
-`tf.numpy_function` callbacks on the CPU kernels, whose NumPy host drivers
-allocate the outputs. On a GPU, the recurrence and its backward pass run on
-the CUDA kernels in `tf.py_function` callbacks, whose GPU kernel hands them
-the GPU tensors as they are; the weight gradients run as TF matmuls there.
-When the forward pass ran without saving (inference), a gradient request
+The projection, the inputs' gradient and the weight gradients run as TF
+matmuls (`fusedlstm.projection`). On the CPU, the recurrence and its backward
+pass run in `tf.numpy_function` callbacks on the CPU kernels, whose NumPy host
+drivers allocate the outputs. On a GPU, they run on the CUDA kernels in
+`tf.py_function` callbacks, whose GPU kernel hands them the GPU tensors as they
+are. When the forward pass ran without saving (inference), a gradient request
 recomputes it with saving.
 """
 
@@ -28,8 +27,7 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
     """See `fusedlstm.ops.lstm_sequence`."""
     x, kernel, bias, recurrent_kernel, h0, c0 = (
         tf.convert_to_tensor(t, _F32) for t in (x, kernel, bias, recurrent_kernel, h0, c0))
-    batch = tf.shape(x)[1]
-    mask = tf.zeros([0, batch], tf.bool) if mask is None else tf.cast(mask, tf.bool)
+    mask = tf.zeros([0, 0], tf.bool) if mask is None else tf.cast(mask, tf.bool)
     input_mask = tf.zeros([0, 0, 0], _F32) if input_mask is None else input_mask
     recurrent_mask = tf.zeros([0, 0, 0], _F32) if recurrent_mask is None else recurrent_mask
     on_gpu = _uses_cuda_kernels(x)
@@ -56,19 +54,23 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
             x, kernel, bias, recurrent_kernel, h0, c0 = args
             d_results = [_zeros_if_none(d_outputs, results[0]),
                          _zeros_if_none(d_h_n, h0), _zeros_if_none(d_c_n, c0)]
+            backward_inputs = [recurrent_kernel, mask, recurrent_mask, *saved, *d_results]
             if on_gpu:
-                grads = _gpu_gradients(config, x, recurrent_kernel,
-                                       (mask, input_mask, recurrent_mask), saved, d_results)
+                d_xw, d_h0, d_c0 = _gpu_call(
+                    functools.partial(_gpu_backward, config), backward_inputs, 3)
             else:
-                grads = tf.numpy_function(
-                    functools.partial(_gradients, config),
-                    [x, recurrent_kernel, mask, input_mask, recurrent_mask, *saved, *d_results],
-                    [_F32] * 6, stateful=False)
-            for g, like in zip(grads, (saved[2], kernel, bias, recurrent_kernel, h0, c0)):
-                g.set_shape(like.shape)
-            d_xw, *weight_and_state_grads = grads
-            d_x = projection.input_grad(d_xw, kernel, _none_if_empty(input_mask))
-            return (d_x, *weight_and_state_grads)
+                d_xw, d_h0, d_c0 = tf.numpy_function(
+                    functools.partial(_backward, config), backward_inputs, [_F32] * 3,
+                    stateful=False)
+            d_xw.set_shape(saved[2].shape)
+            d_h0.set_shape(h0.shape)
+            d_c0.set_shape(c0.shape)
+            input_mask_or_none = _none_if_empty(input_mask)
+            return (projection.input_grad(d_xw, kernel, input_mask_or_none),
+                    projection.gate_weight_grad(x, d_xw, input_mask_or_none),
+                    tf.reduce_sum(d_xw, [0, 1]),
+                    projection.gate_weight_grad(saved[0], d_xw, _none_if_empty(recurrent_mask)),
+                    d_h0, d_c0)
 
         return tuple(results[:3]), grad
 
@@ -82,12 +84,12 @@ def _forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mask):
     return (outputs, h_n, c_n) + (tuple(saved) if save else ())
 
 
-def _gradients(config, x, recurrent_kernel, mask, input_mask, recurrent_mask,
-               h_seq, c_seq, gates, d_outputs, d_h_n, d_c_n):
-    return kernels.gradients(
-        x, recurrent_kernel, _none_if_empty(mask), _none_if_empty(input_mask),
-        _none_if_empty(recurrent_mask), config.activation, config.recurrent_activation,
-        config.zero_output_for_mask, (h_seq, c_seq, gates), d_outputs, d_h_n, d_c_n)
+def _backward(config, recurrent_kernel, mask, recurrent_mask, h_in, c_seq, gates,
+              d_outputs, d_h_n, d_c_n):
+    return kernels.backward(
+        recurrent_kernel, _none_if_empty(mask), _none_if_empty(recurrent_mask),
+        config.activation, config.recurrent_activation, config.zero_output_for_mask,
+        (h_in, c_seq, gates), d_outputs, d_h_n, d_c_n)
 
 
 def _uses_cuda_kernels(tensor):
@@ -117,23 +119,6 @@ def _gpu_call(function, inputs, count):
     return tf.py_function(function, inputs, [_F32] * count)
 
 
-def _gpu_gradients(config, x, recurrent_kernel, masks, saved, d_results):
-    """`(d_xw, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0)`, as `kernels.gradients`.
-
-    The backward kernel runs in a callback; the weight gradients run as TF ops.
-    """
-    mask, input_mask, recurrent_mask = masks
-    h_seq, c_seq, gates = saved
-    d_xw, d_h0, d_c0 = _gpu_call(
-        functools.partial(_gpu_backward, config),
-        [recurrent_kernel, mask, recurrent_mask, c_seq, gates, *d_results], 3)
-    d_xw.set_shape(gates.shape)
-    return [d_xw, projection.gate_weight_grad(x, d_xw, _none_if_empty(input_mask)),
-            tf.reduce_sum(d_xw, [0, 1]),
-            projection.gate_weight_grad(h_seq[:-1], d_xw, _none_if_empty(recurrent_mask)),
-            d_h0, d_c0]
-
-
 def _gpu_forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mask):
     """`tf.py_function` body: the forward CUDA kernel on eager GPU tensors."""
     with _numba_device_of(xw):
@@ -144,8 +129,8 @@ def _gpu_forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mas
         return _to_tf((outputs, h_n, c_n) + (tuple(saved) if save else ()), xw.device)
 
 
-def _gpu_backward(config, recurrent_kernel, mask, recurrent_mask, c_seq, gates, d_outputs,
-                  d_h_n, d_c_n):
+def _gpu_backward(config, recurrent_kernel, mask, recurrent_mask, h_in, c_seq, gates,
+                  d_outputs, d_h_n, d_c_n):
     """`tf.py_function` body: the backward CUDA kernel on eager GPU tensors."""
     with _numba_device_of(d_outputs):
         recurrent_kernel, mask, recurrent_mask, c_seq, gates, *d_results = _device_arrays(
@@ -237,12 +222,13 @@ def _zeros_if_none(grad, like):
 
 
 def _set_shapes(results, xw_shape, units):
-    steps, batch = xw_shape[0], xw_shape[1]
+    """Static shapes of the callback's results: batch-major, as `kernels.cpu.forward`."""
+    batch, steps = xw_shape[0], xw_shape[1]
     state = tf.TensorShape([batch, units])
-    shapes = [tf.TensorShape([steps, batch, units]), state, state]
+    shapes = [tf.TensorShape([batch, steps, units]), state, state]
     if len(results) == 6:
         seq_steps = None if steps is None else steps + 1
-        seq = tf.TensorShape([seq_steps, batch, units])
-        shapes += [seq, seq, tf.TensorShape([steps, batch, 4 * units])]
+        shapes += [tf.TensorShape([batch, steps, units]), tf.TensorShape([batch, seq_steps, units]),
+                   tf.TensorShape([batch, steps, 4 * units])]
     for tensor, shape in zip(results, shapes):
         tensor.set_shape(shape)

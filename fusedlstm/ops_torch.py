@@ -1,10 +1,10 @@
 """PyTorch glue: the fused LSTM sequence as a `torch.autograd.Function`.
 
-CPU tensors reach the `njit` kernels as NumPy views that share their memory,
-and the CPU kernels compute the weight gradients, as on TensorFlow. CUDA
-tensors reach the CUDA kernels as they are (CUDA array interface), launched on
-PyTorch's current stream so that nothing waits on the host; the weight
-gradients then run as PyTorch matmuls on the device.
+CPU tensors reach the `njit` kernels as NumPy views that share their memory.
+CUDA tensors reach the CUDA kernels as they are (CUDA array interface),
+launched on PyTorch's current stream so that nothing waits on the host. The
+projection, the inputs' gradient and the weight gradients run as PyTorch
+matmuls (`fusedlstm.projection`) on either device.
 
 Keras first calls layers on "meta" tensors to infer shapes: those calls get
 empty meta outputs and run no kernel. When the forward pass ran without saving
@@ -78,23 +78,17 @@ def _gradients(inputs, masks, config, saved, d_results):
     x, kernel, _, recurrent_kernel, _, _ = inputs
     mask, input_mask, recurrent_mask = masks
     codes = (config.activation, config.recurrent_activation, config.zero_output_for_mask)
+    h_in, c_seq, gates = saved
     kernels = _kernels_for(x)
-    if kernels is cpu:
-        d_xw, *grads = _to_torch(cpu.gradients(
-            *_kernel_arrays(cpu, x, recurrent_kernel, mask, input_mask, recurrent_mask),
-            *codes, tuple(_kernel_arrays(cpu, *saved)), *_kernel_arrays(cpu, *d_results)),
-            x.device)
-    else:
-        h_seq, c_seq, gates = saved
-        with _launch_on(kernels, x.device) as options:
-            results = kernels.backward(
-                *_kernel_arrays(kernels, recurrent_kernel, mask, recurrent_mask), *codes,
-                (None, *_kernel_arrays(kernels, c_seq, gates)),
-                *_kernel_arrays(kernels, *d_results), **options)
-        d_xw, d_h0, d_c0 = _to_torch(results, x.device)
-        grads = (projection.gate_weight_grad(x, d_xw, input_mask), d_xw.sum((0, 1)),
-                 projection.gate_weight_grad(h_seq[:-1], d_xw, recurrent_mask), d_h0, d_c0)
-    return (projection.input_grad(d_xw, kernel, input_mask), *grads)
+    with _launch_on(kernels, x.device) as options:
+        results = kernels.backward(
+            *_kernel_arrays(kernels, recurrent_kernel, mask, recurrent_mask), *codes,
+            tuple(_kernel_arrays(kernels, h_in, c_seq, gates)),
+            *_kernel_arrays(kernels, *d_results), **options)
+    d_xw, d_h0, d_c0 = _to_torch(results, x.device)
+    return (projection.input_grad(d_xw, kernel, input_mask),
+            projection.gate_weight_grad(x, d_xw, input_mask), d_xw.sum((0, 1)),
+            projection.gate_weight_grad(h_in, d_xw, recurrent_mask), d_h0, d_c0)
 
 
 def _kernels_for(tensor):
@@ -137,9 +131,9 @@ def _to_torch(arrays, device):
 
 
 def _meta_outputs(x, recurrent_kernel):
-    """Empty meta tensors shaped like the outputs: [T, N, H], [N, H], [N, H]."""
-    steps, batch, units = x.shape[0], x.shape[1], recurrent_kernel.shape[0]
+    """Empty meta tensors shaped like the outputs: [N, T, H], [N, H], [N, H]."""
+    batch, steps, units = x.shape[0], x.shape[1], recurrent_kernel.shape[0]
     options = {"dtype": torch.float32, "device": "meta"}
-    return (torch.empty((steps, batch, units), **options),
+    return (torch.empty((batch, steps, units), **options),
             torch.empty((batch, units), **options),
             torch.empty((batch, units), **options))

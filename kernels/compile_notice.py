@@ -1,0 +1,52 @@
+"""One line on stderr the first time this process compiles the kernels.
+
+Numba compiles a kernel the first time it runs with a new activation pair and
+keeps the machine code in its on-disk cache; loading it from there is quick and
+says nothing. A real compile takes seconds, so the user is told what is being
+compiled, why, and where it will be cached.
+"""
+
+import contextlib
+import sys
+import threading
+
+from numba.core import event
+
+from .gates import ACTIVATION_CODES
+
+_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
+_announced = threading.Event()
+
+
+class _Announcer(event.Listener):
+    def __init__(self, message):
+        self._message = message
+
+    def on_start(self, ev):
+        if not _announced.is_set():
+            _announced.set()
+            print(self._message, file=sys.stderr, flush=True)
+
+    def on_end(self, ev):
+        pass
+
+
+@contextlib.contextmanager
+def on_first_compile(kernel, activation, recurrent_activation, cache_path):
+    """Announces, once per process, a compile that starts inside the block.
+
+    Args:
+        kernel: what is compiled, e.g. "forward".
+        activation, recurrent_activation: the codes it is compiled for.
+        cache_path: where Numba caches it.
+    """
+    if _announced.is_set():
+        yield
+        return
+    message = (
+        f"fusedlstm: compiling the CPU {kernel} kernel for activation="
+        f"{_NAMES[activation]!r}, recurrent_activation={_NAMES[recurrent_activation]!r} "
+        f"(first use on this machine, a few seconds; cached in {cache_path}). "
+        "`python -m fusedlstm compile` does this ahead of time.")
+    with event.install_listener("numba:compile", _Announcer(message)):
+        yield
