@@ -10,13 +10,12 @@ import threading
 import warnings
 
 import keras
-import numba
 import numpy as np
 import pytest
 
 import fusedlstm
 import fusedlstm.ops
-from fusedlstm.kernels import cpu as cpu_kernels
+from fusedlstm.kernels.threads import block_bounds
 from helpers import make_pair, to_numpy
 
 ON_TF = keras.backend.backend() == "tensorflow"
@@ -240,9 +239,9 @@ def test_use_fused_false_is_the_stock_layer(fused_calls):
 
 
 def test_concurrent_calls_from_threads_agree():
-    # Large enough that each call runs its steps as parallel regions.
+    # Large enough that each call runs its rows as several blocks on several threads.
     x = np.random.default_rng(0).normal(size=(32, 30, 6)).astype("float32")
-    assert cpu_kernels._parts(32, 64) > 1 or numba.get_num_threads() == 1
+    assert len(block_bounds(32, 30 * 8 * 64 * 64, 2)) > 1
     layers = []
     for seed in (1, 2):
         keras.utils.set_random_seed(seed)
@@ -273,20 +272,36 @@ def run_python(code, env=None):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_compiled_kernels_are_cached_on_disk():
+def run_python_with_stderr(code, env):
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def test_first_compile_is_announced_once_then_cached_on_disk(tmp_path):
     code = """
         import json, numpy as np
         from fusedlstm.kernels import cpu
-        out = cpu.forward(np.ones((2, 1, 8), np.float32), np.ones((2, 8), np.float32),
-                          np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32),
-                          None, None, 0, 1, False, True)
-        stats = cpu.lstm_forward.stats
-        print(json.dumps({"hits": sum(stats.cache_hits.values()),
-                          "misses": sum(stats.cache_misses.values())}))
+        args = (np.ones((1, 2, 8), np.float32), np.ones((2, 8), np.float32),
+                np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32), None, None, 0, 1, False)
+        outputs, h_n, c_n, saved = cpu.forward(*args, True)
+        cpu.backward(args[1], None, None, 0, 1, False, saved, outputs, h_n, c_n)
+        cpu.forward(*args, False)
+        stats = [kernel.stats for kernel in cpu.block_kernels(0, 1)]
+        print(json.dumps({"hits": sum(sum(s.cache_hits.values()) for s in stats),
+                          "misses": sum(sum(s.cache_misses.values()) for s in stats)}))
     """
-    run_python(code)
-    second = run_python(code)
-    assert second == {"hits": 1, "misses": 0}
+    env = {"NUMBA_CACHE_DIR": str(tmp_path)}
+    first, first_err = run_python_with_stderr(code, env)
+    second, second_err = run_python_with_stderr(code, env)
+    assert first == {"hits": 0, "misses": 2}
+    assert second == {"hits": 2, "misses": 0}
+    notices = [line for line in first_err.splitlines() if line.startswith("fusedlstm: compiling")]
+    assert len(notices) == 1, first_err[-2000:]
+    assert "activation='tanh', recurrent_activation='sigmoid'" in notices[0]
+    assert str(tmp_path) in notices[0]
+    assert "fusedlstm: compiling" not in second_err
 
 
 @pytest.mark.skipif(not ON_TF, reason="tf.distribute is TensorFlow's")

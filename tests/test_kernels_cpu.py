@@ -1,5 +1,8 @@
-"""The CPU kernels on their own: gate math accuracy and the recurrence against
-the float64 reference, without a framework in between."""
+"""The CPU kernels on their own: gate math accuracy, the GEMM tile, the blocks
+of rows and the recurrence against the float64 reference, without a framework
+in between."""
+
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +11,8 @@ from numba import njit
 import reference
 from fusedlstm.kernels import cpu
 from fusedlstm.kernels import gates
+from fusedlstm.kernels import threads
+from fusedlstm.kernels.tile import LANES, make_tile
 
 _compiled = gates.compile_gates(njit)
 _activate = _compiled.activate
@@ -35,6 +40,65 @@ def test_activations_pass_nan_through():
         assert np.isnan(activate_all(code, xs)[0])
 
 
+_TILES = {rows: make_tile(rows, 2, unroll) for rows, unroll in ((8, 1), (4, 2), (1, 4))}
+_tile_8, _tile_4, _tile_1 = _TILES[8], _TILES[4], _TILES[1]
+
+
+@njit
+def tile_product(rows, a, b_panel, c):
+    """c[:rows] = a[:rows] @ b_panel through the tile of that many rows (lda = a's width)."""
+    depth = a.shape[1]
+    if rows == 8:
+        _tile_8(a, 0, depth, b_panel, 0, c, 0, c.shape[1], depth)
+    elif rows == 4:
+        _tile_4(a, 0, depth, b_panel, 0, c, 0, c.shape[1], depth)
+    else:
+        _tile_1(a, 0, depth, b_panel, 0, c, 0, c.shape[1], depth)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize("depth", [1, 3, 17, 256])
+def test_tile_matches_float64_product(rows, depth):
+    rng = np.random.default_rng(depth)
+    a = rng.normal(size=(rows, depth)).astype("float32")
+    b = rng.normal(size=(depth, 2 * LANES)).astype("float32")
+    c = np.full((rows, 2 * LANES), np.nan, "float32")
+    tile_product(rows, a, b, c)
+    exact = a.astype("float64") @ b.astype("float64")
+    bound = 4 * np.finfo("float32").eps * (np.abs(a) @ np.abs(b)).max()
+    assert np.abs(c - exact).max() <= bound
+
+
+def test_tile_keeps_its_accumulators_in_vector_registers():
+    """The tile is only fast if LLVM keeps it in registers: vector multiply-adds,
+    no spills to the stack inside the loop."""
+    for rows in (8, 4, 1):
+        tile_product(rows, np.ones((rows, 5), "float32"), np.ones((5, 2 * LANES), "float32"),
+                     np.empty((rows, 2 * LANES), "float32"))
+    asm = "\n".join(tile_product.inspect_asm().values())
+    fmas = re.findall(r"vfmadd\w*ps\s+[^\n]*%([xyz])mm", asm)
+    assert len(fmas) >= 16 + 8 + 8
+    assert set(fmas) <= {"y", "z"}, "the multiply-adds must work on 256- or 512-bit vectors"
+    fma_loops = [loop for loop in loops(asm.splitlines()) if any("vfmadd" in line for line in loop)]
+    assert len(fma_loops) >= 3
+    for loop in fma_loops:
+        assert not [line for line in loop if "(%rsp)" in line], "a tile spills inside its loop"
+
+
+def loops(lines):
+    """Each loop of an assembly listing: the lines from a label to a jump back to it."""
+    labels = {}
+    found = []
+    for index, line in enumerate(lines):
+        label = re.match(r"^(\.\w+):", line)
+        if label:
+            labels[label.group(1)] = index
+        jump = re.match(r"^\s+j\w+\s+(\.\w+)$", line)
+        if jump and jump.group(1) in labels:
+            found.append(lines[labels[jump.group(1)]:index + 1])
+    return found
+
+
 def random_problem(rng, N, T, C, H):
     x = rng.normal(size=(N, T, C)).astype("float32")
     W = rng.normal(0, 0.5, (C, 4 * H)).astype("float32")
@@ -44,81 +108,102 @@ def random_problem(rng, N, T, C, H):
     return x, W, U, b, h0, c0
 
 
+def assert_close_to_float64(got, want, name):
+    """Within float32 rounding of values of this magnitude, summed over a few hundred terms."""
+    want = np.asarray(want, np.float64)
+    bound = 64 * np.finfo("float32").eps * max(1.0, np.abs(want).max())
+    assert np.abs(got - want).max() <= bound, name
+
+
 @pytest.mark.parametrize("zero_output", [False, True])
 @pytest.mark.parametrize("masked,dropped", [(False, False), (True, False), (True, True)])
-def test_forward_and_gradients_match_reference(masked, dropped, zero_output):
+@pytest.mark.parametrize("N,H", [(5, 6), (37, 40)])
+def test_forward_and_gradients_match_reference(masked, dropped, zero_output, N, H):
     rng = np.random.default_rng(1)
-    N, T, C, H = 5, 9, 4, 6
+    T, C = 9, 4
     x, W, U, b, h0, c0 = random_problem(rng, N, T, C, H)
     mask = rng.random((N, T)) > 0.3 if masked else None
     rmask = (rng.random((4, N, H)) > 0.3).astype("float32") / 0.7 if dropped else None
     imask = (rng.random((4, N, C)) > 0.2).astype("float32") / 0.8 if dropped else None
     seq, h, c, tape = reference.lstm_forward(x, W, U, b, h0, c0, mask, rmask, imask,
                                              zero_output_for_mask=zero_output)
-    x_t = np.ascontiguousarray(x.transpose(1, 0, 2))
-    xw = np.concatenate([(x_t * (1 if imask is None else imask[g])) @ W[:, g * H:(g + 1) * H]
+    xw = np.concatenate([(x * (1 if imask is None else imask[g][:, None])) @ W[:, g * H:(g + 1) * H]
                          for g in range(4)], axis=-1) + b
-    mask_t = None if mask is None else mask.T
-    out, h_n, c_n, saved = cpu.forward(xw.astype("float32"), U, h0, c0, mask_t, rmask,
+    out, h_n, c_n, saved = cpu.forward(xw.astype("float32"), U, h0, c0, mask, rmask,
                                        gates.TANH, gates.SIGMOID, zero_output, True)
-    np.testing.assert_allclose(out.transpose(1, 0, 2), seq, atol=1e-6)
-    np.testing.assert_allclose(h_n, h, atol=1e-6)
-    np.testing.assert_allclose(c_n, c, atol=1e-6)
+    for name, got, want in (("outputs", out, seq), ("h_n", h_n, h), ("c_n", c_n, c)):
+        assert_close_to_float64(got, want, name)
     d_seq = rng.normal(size=seq.shape)
     d_h, d_c = rng.normal(size=h.shape), rng.normal(size=c.shape)
     want = reference.lstm_backward(tape, d_seq, d_h, d_c, zero_output_for_mask=zero_output)
-    got = cpu.gradients(x_t, U, mask_t, imask, rmask, gates.TANH, gates.SIGMOID,
-                        zero_output, saved, d_seq.transpose(1, 0, 2).astype("float32"),
-                        d_h.astype("float32"), d_c.astype("float32"))
-    names = ["xw", "kernel", "bias", "recurrent_kernel", "h0", "c0"]
-    for name, g in zip(names[1:], got[1:]):
-        np.testing.assert_allclose(g, want[name], atol=2e-5, err_msg=name)
+    got = cpu.gradients(x, U, mask, imask, rmask, gates.TANH, gates.SIGMOID, zero_output, saved,
+                        d_seq.astype("float32"), d_h.astype("float32"), d_c.astype("float32"))
+    for name, g in zip(["kernel", "bias", "recurrent_kernel", "h0", "c0"], got[1:]):
+        assert_close_to_float64(g, want[name], name)
     d_x = sum((got[0][..., g * H:(g + 1) * H] @ W[:, g * H:(g + 1) * H].T)
-              * (1 if imask is None else imask[g]) for g in range(4))
-    np.testing.assert_allclose(d_x.transpose(1, 0, 2), want["x"], atol=2e-5)
+              * (1 if imask is None else imask[g][:, None]) for g in range(4))
+    assert_close_to_float64(d_x, want["x"], "x")
 
 
 @pytest.mark.parametrize("dropped", [False, True])
-def test_parallel_parts_match_serial(dropped):
+def test_results_do_not_depend_on_how_rows_are_cut_into_blocks(dropped):
     rng = np.random.default_rng(4)
-    N, T, H = 6, 5, 37
-    xw = rng.normal(size=(T, N, 4 * H)).astype("float32")
+    N, T, H = 21, 5, 37
+    xw = rng.normal(size=(N, T, 4 * H)).astype("float32")
     U = rng.normal(0, 0.3, (H, 4 * H)).astype("float32")
     h0, c0 = (rng.normal(size=(N, H)).astype("float32") for _ in range(2))
-    mask = rng.random((T, N)) > 0.3
+    mask = rng.random((N, T)) > 0.3
     rmask = (rng.random((4, N, H)) > 0.3).astype("float32") if dropped else np.zeros((0, N, H), "float32")
-    d_out = rng.normal(size=(T, N, H)).astype("float32")
+    d_out = rng.normal(size=(N, T, H)).astype("float32")
+    forward_block, backward_block = cpu.block_kernels(gates.TANH, gates.SIGMOID)
     results = []
-    for parts in (1, 2, 3):
-        out, h_n, c_n = (np.empty(s, "float32") for s in ((T, N, H), (N, H), (N, H)))
-        h_seq, c_seq = np.empty((T + 1, N, H), "float32"), np.empty((T + 1, N, H), "float32")
-        gate_acts = np.empty((T, N, 4 * H), "float32")
-        cpu.lstm_forward(xw, U, h0, c0, mask, rmask, 0, 1, False, out, h_n, c_n,
-                         h_seq, c_seq, gate_acts, parts)
+    for cuts in ([0, N], [0, 8, 16, N], [0, 1, 5, 13, N]):
+        out, h_n, c_n = (np.empty(s, "float32") for s in ((N, T, H), (N, H), (N, H)))
+        h_in, c_seq = np.empty((N, T, H), "float32"), np.empty((N, T + 1, H), "float32")
+        gate_acts = np.empty((N, T, 4 * H), "float32")
         d_xw, d_h0, d_c0 = np.empty_like(xw), np.empty_like(h0), np.empty_like(c0)
-        cpu.lstm_backward(U, mask, rmask, 0, 1, False, c_seq, gate_acts, d_out, h0, c0,
-                          d_xw, d_h0, d_c0, parts)
-        results.append((out, h_n, c_n, d_xw, d_h0, d_c0))
+        for r0, r1 in zip(cuts[:-1], cuts[1:]):
+            forward_block(r0, r1, xw, cpu.pack_forward(U), h0, c0, mask, rmask, False,
+                          out, h_n, c_n, h_in, c_seq, gate_acts)
+            backward_block(r0, r1, cpu.pack_backward(U), mask, rmask, False, c_seq, gate_acts,
+                           d_out, h0, c0, d_xw, d_h0, d_c0)
+        results.append((out, h_n, c_n, h_in, d_xw, d_h0, d_c0))
     for other in results[1:]:
         for a, b in zip(results[0], other):
-            np.testing.assert_allclose(b, a, atol=1e-6)
+            np.testing.assert_allclose(b, a, atol=2e-6)
 
 
 def test_inference_saves_nothing():
     rng = np.random.default_rng(2)
     x, W, U, b, h0, c0 = random_problem(rng, 3, 4, 2, 5)
-    xw = (x.transpose(1, 0, 2) @ W + b).astype("float32")
-    out, h_n, _, saved = cpu.forward(xw, U, h0, c0, None, None, 0, 1, False, False)
+    out, h_n, _, saved = cpu.forward((x @ W + b).astype("float32"), U, h0, c0, None, None,
+                                     0, 1, False, False)
     assert saved is None
-    np.testing.assert_array_equal(out[-1], h_n)
+    np.testing.assert_array_equal(out[:, -1], h_n)
 
 
-def test_accumulate_outer_sums_long_columns_accurately():
-    rng = np.random.default_rng(3)
-    a = rng.normal(size=(5000, 7)).astype("float32")
-    b = rng.normal(size=(5000, 9)).astype("float32")
-    out = np.empty((7, 9), "float32")
-    cpu.accumulate_outer(a, b, out, 32)
-    exact = a.astype("float64").T @ b.astype("float64")
-    one_gemm = np.abs(a.T @ b - exact).max()
-    assert np.abs(out - exact).max() < min(one_gemm, 4e-7 * np.abs(exact).max())
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 32, 100, 1000])
+@pytest.mark.parametrize("thread_count", [1, 2, 16])
+def test_blocks_cover_every_row_once_in_whole_tiles(rows, thread_count):
+    bounds = threads.block_bounds(rows, 1 << 30, thread_count)
+    assert bounds[0][0] == 0 and bounds[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all((r1 - r0) % threads.MIN_ROWS_PER_BLOCK == 0 for r0, r1 in bounds[:-1])
+    assert len(bounds) <= max(1, thread_count * threads.BLOCKS_PER_THREAD)
+
+
+def test_small_work_stays_in_one_block():
+    assert threads.block_bounds(64, 100, 2) == [(0, 64)]
+
+
+def test_an_error_in_a_block_reaches_the_caller():
+    seen = []
+
+    def kernel(r0, r1, fail_at):
+        seen.append((r0, r1))
+        if r0 == fail_at:
+            raise ValueError("block failed")
+
+    with pytest.raises(ValueError, match="block failed"):
+        threads.run_blocks(kernel, (8,), 32, 1 << 30)
+    assert sorted(seen) == threads.block_bounds(32, 1 << 30, threads.thread_count())
