@@ -38,13 +38,6 @@ def problem(shape, case):
     return x, mask, weights
 
 
-def gemm_floor_ms(shape, mode, gflops=178.0):
-    """The shape's matrix work at the machine's measured sgemm rate."""
-    N, T, C, H = shape
-    flops = 2 * N * T * (C + H) * 4 * H * (3 if mode == "train" else 1)
-    return flops / (gflops * 1e9) * 1e3
-
-
 def make_keras(layer_class, shape, mode, case):
     """A Keras layer (stock or fused) called inside `tf.function`."""
     import tensorflow as tf

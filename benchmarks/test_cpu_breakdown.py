@@ -1,0 +1,171 @@
+"""Where the fused layer's CPU time goes, per shape: the layer itself and each part
+of it timed alone, in one process (`--framework fusedlstm`, TensorFlow).
+
+Parts: the input projection and the inputs' gradient (TF matmuls), the forward
+recurrence (`fusedlstm.kernels.cpu.forward`, without and with saving for
+training), the cell math alone (a loop over [T, N, H] arrays applying the gate
+functions, one thread), the backward recurrence (`backward`) and the backward
+with the weight gradients (`gradients`). `kernel_report.py` subtracts: weight
+gradients = gradients - backward; framework glue = the layer - its parts.
+"""
+
+import numba
+import numpy as np
+import pytest
+
+import cases
+
+ROUNDS = 7
+
+
+def part(benchmark, shape, mode, name, run):
+    benchmark.group = f"{shape}/breakdown"
+    benchmark.name = f"{mode}/{name}"
+    benchmark.extra_info.update(shape=shape, mode=mode, part=name, NTCH=cases.SHAPES[shape],
+                                numba_threads=numba.get_num_threads())
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2, iterations=1)
+
+
+class Problem:
+    """One shape's NumPy arrays, time-major, and what the kernels return for them."""
+
+    def __init__(self, shape):
+        from fusedlstm.kernels import cpu
+        from fusedlstm.kernels.gates import ACTIVATION_CODES
+
+        x, _, (kernel, recurrent_kernel, bias) = cases.problem(cases.SHAPES[shape], "plain")
+        self.cpu = cpu
+        self.x = np.ascontiguousarray(x.transpose(1, 0, 2))
+        self.kernel, self.recurrent_kernel, self.bias = kernel, recurrent_kernel, bias
+        self.xw = self.x @ kernel + bias
+        T, N, _ = self.x.shape
+        H = recurrent_kernel.shape[0]
+        self.zeros = np.zeros((N, H), np.float32)
+        self.codes = (ACTIVATION_CODES["tanh"], ACTIVATION_CODES["sigmoid"])
+        self.outputs, _, _, self.saved = self.forward(training=True)
+        self.d_outputs = 2 * self.outputs
+
+    def forward(self, training):
+        return self.cpu.forward(self.xw, self.recurrent_kernel, self.zeros, self.zeros, None,
+                                None, *self.codes, False, training)
+
+    def backward(self):
+        return self.cpu.backward(self.recurrent_kernel, None, None, *self.codes, False,
+                                 self.saved, self.d_outputs, self.zeros, self.zeros)
+
+    def gradients(self):
+        return self.cpu.gradients(self.x, self.recurrent_kernel, None, None, None, *self.codes,
+                                  False, self.saved, self.d_outputs, self.zeros, self.zeros)
+
+
+@pytest.fixture(scope="module", params=sorted(cases.SHAPES))
+def problem(request, framework):
+    if framework != "fusedlstm":
+        pytest.skip("the breakdown is of the fused layer (--framework fusedlstm)")
+    return request.param, Problem(request.param)
+
+
+@pytest.mark.parametrize("mode", cases.MODES)
+def test_layer(benchmark, problem, mode):
+    import fusedlstm
+
+    shape, _ = problem
+    part(benchmark, shape, mode, "layer",
+         cases.make_keras(fusedlstm.LSTM, cases.SHAPES[shape], mode, "plain"))
+
+
+def test_projection(benchmark, problem):
+    import tensorflow as tf
+
+    from fusedlstm import projection
+
+    shape, p = problem
+    x, kernel, bias = (tf.constant(a) for a in (p.x, p.kernel, p.bias))
+    project = tf.function(lambda: projection.input_projection(x, kernel, bias, None))
+    part(benchmark, shape, "fwd", "projection", lambda: project().numpy())
+
+
+def test_input_grad(benchmark, problem):
+    import tensorflow as tf
+
+    from fusedlstm import projection
+
+    shape, p = problem
+    d_xw, kernel = tf.constant(p.backward()[0]), tf.constant(p.kernel)
+    grad = tf.function(lambda: projection.input_grad(d_xw, kernel, None))
+    part(benchmark, shape, "train", "input_grad", lambda: grad().numpy())
+
+
+@pytest.mark.parametrize("mode", cases.MODES)
+def test_recurrence(benchmark, problem, mode):
+    shape, p = problem
+    part(benchmark, shape, mode, "recurrence", lambda: p.forward(training=mode == "train"))
+
+
+def test_backward_recurrence(benchmark, problem):
+    shape, p = problem
+    part(benchmark, shape, "train", "backward", p.backward)
+
+
+def test_gradients(benchmark, problem):
+    shape, p = problem
+    part(benchmark, shape, "train", "gradients", p.gradients)
+
+
+def test_cell_math(benchmark, problem):
+    shape, p = problem
+    zi, zf, zc, zo = (np.ascontiguousarray(a) for a in np.split(p.xw, 4, axis=-1))
+    h = np.empty_like(zi)
+    part(benchmark, shape, "fwd", "cell_math",
+         lambda: cell_math_forward(zi, zf, zc, zo, p.zeros.copy(), h, *p.codes))
+
+
+def test_cell_math_backward(benchmark, problem):
+    shape, p = problem
+    H = p.recurrent_kernel.shape[0]
+    _, c_seq, gates = p.saved
+    i, f, g, o = (np.ascontiguousarray(gates[..., k * H:(k + 1) * H]) for k in range(4))
+    d_z = np.empty_like(gates)
+    part(benchmark, shape, "train", "cell_math_backward",
+         lambda: cell_math_backward(i, f, g, o, c_seq, p.d_outputs, p.zeros.copy(), d_z,
+                                    *p.codes))
+
+
+def _compiled_gates():
+    from fusedlstm.kernels.gates import compile_gates
+
+    return compile_gates(numba.njit(inline="always", error_model="numpy"))
+
+
+_gates = _compiled_gates()
+_cell_forward = _gates.cell_forward
+_cell_backward = _gates.cell_backward
+
+
+@numba.njit(error_model="numpy")
+def cell_math_forward(zi, zf, zc, zo, c, h, activation, recurrent_activation):
+    """The forward gate math of every step on [T, N, H] pre-activations; `c` [N, H]
+    carries over steps, `h` [T, N, H] is written."""
+    T, N, H = zi.shape
+    for t in range(T):
+        for n in range(N):
+            for k in range(H):
+                _, _, _, _, c[n, k], h[t, n, k] = _cell_forward(
+                    zi[t, n, k], zf[t, n, k], zc[t, n, k], zo[t, n, k], c[n, k],
+                    activation, recurrent_activation)
+
+
+@numba.njit(error_model="numpy")
+def cell_math_backward(i, f, g, o, c_seq, d_h, dc, d_z, activation, recurrent_activation):
+    """The backward gate math of every step, in reverse time, on [T, N, H] saved
+    gates and [T+1, N, H] carries; `dc` [N, H] carries over steps, `d_z`
+    [T, N, 4H] is written."""
+    T, N, H = i.shape
+    for t in range(T - 1, -1, -1):
+        for n in range(N):
+            for k in range(H):
+                (d_z[t, n, k], d_z[t, n, H + k], d_z[t, n, 2 * H + k], d_z[t, n, 3 * H + k],
+                 dc[n, k]) = _cell_backward(
+                    i[t, n, k], f[t, n, k], g[t, n, k], o[t, n, k], c_seq[t, n, k],
+                    c_seq[t + 1, n, k], d_h[t, n, k], dc[n, k], activation,
+                    recurrent_activation)
