@@ -44,10 +44,9 @@ def breakdown_rows(run):
                  "recurrence": get("train", "recurrence"),
                  "cell_math": _plus(get("fwd", "cell_math"),
                                     get("train", "cell_math_backward")),
-                 "backward": backward, "weight_grads": _minus(gradients, backward),
-                 "input_grad": get("train", "input_grad")}
+                 "backward": backward, "weight_grads": _minus(gradients, backward)}
         train["glue"] = _minus(train["layer"], train["projection"], train["recurrence"],
-                               gradients, train["input_grad"])
+                               gradients)
         rows += [(shape, "fwd", fwd), (shape, "train", train)]
     return rows
 
@@ -63,12 +62,12 @@ def _plus(*parts):
 
 
 BREAKDOWN_COLUMNS = ("layer", "projection", "recurrence", "cell_math", "backward",
-                     "weight_grads", "input_grad", "glue")
+                     "weight_grads", "glue")
 
 
 def breakdown_markdown(rows):
     lines = ["Median ms. The layer's time = projection + recurrence (+ backward + weight "
-             "gradients + input gradient when training) + glue; cell math is part of the "
+             "gradients when training) + glue; cell math is part of the "
              "recurrences (timed alone, one thread).", "",
              "| shape | mode | " + " | ".join(BREAKDOWN_COLUMNS) + " |",
              "|---|---|" + "---|" * len(BREAKDOWN_COLUMNS)]

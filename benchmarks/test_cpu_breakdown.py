@@ -1,12 +1,14 @@
 """Where the fused layer's CPU time goes, per shape: the layer itself and each part
 of it timed alone, in one process (`--framework fusedlstm`, TensorFlow).
 
-Parts: the input projection and the inputs' gradient (TF matmuls), the forward
-recurrence (`fusedlstm.kernels.cpu.forward`, without and with saving for
-training), the cell math alone (a loop over [T, N, H] arrays applying the gate
-functions, one thread), the backward recurrence (`backward`) and the backward
-with the weight gradients (`gradients`). `kernel_report.py` subtracts: weight
-gradients = gradients - backward; framework glue = the layer - its parts.
+Parts: the input projection (a TF matmul), the forward recurrence
+(`fusedlstm.kernels.cpu.forward`, without and with saving for training), the
+cell math alone (a loop over [T, N, H] arrays applying the gate functions, one
+thread), the backward recurrence (`backward`) and the backward with the weight
+gradients (`gradients`). `kernel_report.py` subtracts: weight
+gradients = gradients - backward; framework glue = the layer - its parts. (The
+inputs' gradient is not part of the training step timed: its inputs are
+constants, and TensorFlow prunes what no fetched result needs.)
 """
 
 import numba
@@ -26,43 +28,11 @@ def part(benchmark, shape, mode, name, run):
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2, iterations=1)
 
 
-class Problem:
-    """One shape's NumPy arrays, time-major, and what the kernels return for them."""
-
-    def __init__(self, shape):
-        from fusedlstm.kernels import cpu
-        from fusedlstm.kernels.gates import ACTIVATION_CODES
-
-        x, _, (kernel, recurrent_kernel, bias) = cases.problem(cases.SHAPES[shape], "plain")
-        self.cpu = cpu
-        self.x = np.ascontiguousarray(x.transpose(1, 0, 2))
-        self.kernel, self.recurrent_kernel, self.bias = kernel, recurrent_kernel, bias
-        self.xw = self.x @ kernel + bias
-        T, N, _ = self.x.shape
-        H = recurrent_kernel.shape[0]
-        self.zeros = np.zeros((N, H), np.float32)
-        self.codes = (ACTIVATION_CODES["tanh"], ACTIVATION_CODES["sigmoid"])
-        self.outputs, _, _, self.saved = self.forward(training=True)
-        self.d_outputs = 2 * self.outputs
-
-    def forward(self, training):
-        return self.cpu.forward(self.xw, self.recurrent_kernel, self.zeros, self.zeros, None,
-                                None, *self.codes, False, training)
-
-    def backward(self):
-        return self.cpu.backward(self.recurrent_kernel, None, None, *self.codes, False,
-                                 self.saved, self.d_outputs, self.zeros, self.zeros)
-
-    def gradients(self):
-        return self.cpu.gradients(self.x, self.recurrent_kernel, None, None, None, *self.codes,
-                                  False, self.saved, self.d_outputs, self.zeros, self.zeros)
-
-
 @pytest.fixture(scope="module", params=sorted(cases.SHAPES))
 def problem(request, framework):
     if framework != "fusedlstm":
         pytest.skip("the breakdown is of the fused layer (--framework fusedlstm)")
-    return request.param, Problem(request.param)
+    return request.param, cases.KernelProblem(request.param)
 
 
 @pytest.mark.parametrize("mode", cases.MODES)
@@ -83,17 +53,6 @@ def test_projection(benchmark, problem):
     x, kernel, bias = (tf.constant(a) for a in (p.x, p.kernel, p.bias))
     project = tf.function(lambda: projection.input_projection(x, kernel, bias, None))
     part(benchmark, shape, "fwd", "projection", lambda: project().numpy())
-
-
-def test_input_grad(benchmark, problem):
-    import tensorflow as tf
-
-    from fusedlstm import projection
-
-    shape, p = problem
-    d_xw, kernel = tf.constant(p.backward()[0]), tf.constant(p.kernel)
-    grad = tf.function(lambda: projection.input_grad(d_xw, kernel, None))
-    part(benchmark, shape, "train", "input_grad", lambda: grad().numpy())
 
 
 @pytest.mark.parametrize("mode", cases.MODES)

@@ -134,9 +134,7 @@ def test_kernel(benchmark, framework, shape, mode, threads):
         pytest.skip("the kernels are timed with --framework fusedlstm")
     import numba
 
-    from test_cpu_breakdown import Problem
-
-    p = Problem(shape)
+    p = cases.KernelProblem(shape)
     if mode == "train":
         def run():
             p.forward(training=True)
