@@ -61,7 +61,6 @@ class Results:
 class Case:
     """One flag at one size: both layers built and fed the same weights and inputs."""
 
-    flag: str
     size: tuple
     kwargs: dict
     x: np.ndarray
@@ -92,8 +91,16 @@ def make_case(flag, size):
     for layer in (stock, fused):
         layer.build((batch, steps, features))
         layer.set_weights(weights)
-    return Case(flag, size, kwargs, x, mask, states, options.get("training", False), weights,
+    return Case(size, kwargs, x, mask, states, options.get("training", False), weights,
                 stock, fused)
+
+
+def run_case(case):
+    """`(fused, stock, ref, drawn)`: both layers' `Results`, the float64 reference's,
+    and the dropout masks the fused layer drew."""
+    stock, _ = run_layer(case, case.stock)
+    fused, drawn = run_layer(case, case.fused)
+    return fused, stock, run_reference(case, drawn), drawn
 
 
 def run_layer(case, layer):

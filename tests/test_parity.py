@@ -10,7 +10,5 @@ import parity
 @pytest.mark.parametrize("flag", sorted(parity.FLAGS))
 def test_matches_stock_layer_and_float64_reference(flag, size):
     case = parity.make_case(flag, size)
-    stock, _ = parity.run_layer(case, case.stock)
-    fused, drawn = parity.run_layer(case, case.fused)
-    ref = parity.run_reference(case, drawn)
+    fused, stock, ref, _ = parity.run_case(case)
     parity.assert_matches(fused, stock, ref, size)

@@ -59,11 +59,10 @@ BUGS = {
 @pytest.mark.parametrize("size", parity.SIZES, **SIZE_IDS)
 @pytest.mark.parametrize("bug", sorted(BUGS))
 def test_comparison_fails_on_bug_and_passes_without(bug, size):
+    """The reference cast to float32 and the fused layer pass; the buggy result fails."""
     inject, flag = BUGS[bug]
     case = parity.make_case(flag, size)
-    stock, _ = parity.run_layer(case, case.stock)
-    fused, drawn = parity.run_layer(case, case.fused)
-    ref = parity.run_reference(case, drawn)
+    fused, stock, ref, drawn = parity.run_case(case)
     parity.assert_matches(as_float32(ref), stock, ref, size)
     parity.assert_matches(fused, stock, ref, size)
     with pytest.raises(AssertionError, match="fused vs float64"):
@@ -99,10 +98,10 @@ def kernel_weight_gradients(case):
 @pytest.mark.parametrize("size", parity.SIZES, **SIZE_IDS)
 @pytest.mark.parametrize("order", ["sgemm", "row_by_row"])
 def test_float32_weight_gradient_sums_pass(order, size):
+    """Weight gradients summed over the T * N rows in float32, by an sgemm or row by
+    row, from the kernels' own d_xw, stay within the bounds."""
     case = parity.make_case("return_sequences", size)
-    stock, _ = parity.run_layer(case, case.stock)
-    fused, drawn = parity.run_layer(case, case.fused)
-    ref = parity.run_reference(case, drawn)
+    fused, stock, ref, _ = parity.run_case(case)
     d_xw, inputs = kernel_weight_gradients(case)
     if order == "sgemm":
         grads = {name: a.T @ d_xw for name, a in inputs.items()}
