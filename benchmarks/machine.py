@@ -19,13 +19,16 @@ DISTRIBUTIONS = ("numpy", "scipy", "numba", "llvmlite", "threadpoolctl", "keras"
                  "tensorflow-cpu", "tensorflow", "torch", "pytest-benchmark")
 # Vector extensions that decide which GEMM and gate-math code paths a CPU gets.
 VECTOR_FLAG = re.compile(r"^(avx2|fma|avx_vnni|avx512.*|amx.*)$")
-ENVIRONMENT = re.compile(r"^(OPENBLAS_|MKL_|OMP_|KMP_|NUMBA_|TF_|KERAS_BACKEND$)")
+# Variables that change threading, BLAS kernels or the frameworks' CPU paths.
+ENVIRONMENT = re.compile(
+    r"^(OPENBLAS_|MKL_|OMP_|KMP_|GOMP_|NUMBA_|TF_ENABLE_ONEDNN_OPTS$|TF_NUM_|KERAS_BACKEND$)")
 
 
 def describe():
     """All the facts, as a JSON-serializable dict."""
     return {
         "cpu_model": cpu_model(),
+        "cpu_id": cpu_id(),
         "cpu_vector_flags": cpu_vector_flags(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
@@ -47,7 +50,7 @@ def summary(facts):
     versions = ", ".join(f"{k} {v}" for k, v in facts["versions"].items())
     env = ", ".join(f"{k}={v}" for k, v in facts["environment"].items()
                     if k.startswith("OPENBLAS_")) or "no OPENBLAS_* variables"
-    return (f"{facts['cpu_model']}, {facts['cpus_usable']} cores, "
+    return (f"{facts['cpu_model']} ({facts['cpu_id']}), {facts['cpus_usable']} cores, "
             f"AVX-512/AMX flags: {' '.join(avx512) or 'none'}; BLAS: {blas or 'none loaded'}; "
             f"{env}; Python {facts['python']}, {versions}")
 
@@ -63,6 +66,19 @@ def cpu_model():
         pass
     found = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.MULTILINE)
     return found.group(1).strip() if found else platform.processor()
+
+
+def cpu_id():
+    """Vendor, family, model and stepping: virtual machines often report a model name
+    as bare as "AMD EPYC", and these still tell the CPU generations apart."""
+    info = _cpuinfo()
+
+    def field(name):
+        found = re.search(rf"^{name}\s*:\s*(.+)$", info, re.MULTILINE)
+        return found.group(1).strip() if found else "?"
+
+    return (f"{field('vendor_id')} family {field('cpu family')} model {field('model')} "
+            f"stepping {field('stepping')}")
 
 
 def cpu_vector_flags():
