@@ -148,7 +148,8 @@ def main():
     facts = machine_facts(runs)
     rows = breakdown_rows(runs["breakdown"])
     gemms, kernels = gemm_results([runs["gemm-fusedlstm"], runs["gemm-torch"]])
-    markdown = (f"Machine: {machine.summary(facts)}.\n\n## Breakdown\n\n"
+    markdown = (f"Machine: {machine.summary(facts)}.\n\n"
+                f"Threads: {machine.threads_summary(facts)}.\n\n## Breakdown\n\n"
                 f"{breakdown_markdown(rows)}\n## Kernels against sgemm\n\n"
                 f"{gemm_markdown(gemms, kernels)}")
     with open(os.path.join(args.out, "kernel-report.json"), "w") as f:

@@ -55,6 +55,19 @@ def summary(facts):
             f"{env}; Python {facts['python']}, {versions}")
 
 
+def threads_summary(facts):
+    """One line per framework process: its threads and the BLAS it links itself."""
+    lines = []
+    for name, own in facts.get("by_framework", {}).items():
+        threads = dict(own["threads"])
+        torch_blas = threads.pop("torch_blas", None)
+        if torch_blas:
+            threads["torch BLAS"] = torch_blas["blas"] + (" + oneDNN" if torch_blas["onednn"]
+                                                          else "")
+        lines.append(f"{name}: " + ", ".join(f"{k} {v}" for k, v in threads.items()))
+    return "; ".join(lines)
+
+
 def cpu_model():
     """`lscpu`'s model name, else /proc/cpuinfo's, else the platform's."""
     try:

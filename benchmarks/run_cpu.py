@@ -53,6 +53,7 @@ def target_status(row, shape, case):
 
 def markdown_table(table, facts):
     lines = [f"Machine: {machine.summary(facts)}.", "",
+             f"Threads: {machine.threads_summary(facts)}.", "",
              "Median of 7 runs, ms; ratios are fused time / other time (below 1: fusedlstm "
              "is faster). Targets: fused / keras <= 1 everywhere and <= "
              f"{SLOW_PATH_TARGET:g} for the masked and recurrent-dropout cases at S2; fused / "
