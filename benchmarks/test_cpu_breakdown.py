@@ -11,6 +11,8 @@ inputs' gradient is not part of the training step timed: its inputs are
 constants, and TensorFlow prunes what no fetched result needs.)
 """
 
+import functools
+
 import numba
 import numpy as np
 import pytest
@@ -75,8 +77,9 @@ def test_cell_math(benchmark, problem):
     shape, p = problem
     zi, zf, zc, zo = (np.ascontiguousarray(a) for a in np.split(p.xw, 4, axis=-1))
     h = np.empty_like(zi)
+    forward, _ = cell_math_loops()
     part(benchmark, shape, "fwd", "cell_math",
-         lambda: cell_math_forward(zi, zf, zc, zo, p.zeros.copy(), h, *p.codes))
+         lambda: forward(zi, zf, zc, zo, p.zeros.copy(), h, *p.codes))
 
 
 def test_cell_math_backward(benchmark, problem):
@@ -85,46 +88,46 @@ def test_cell_math_backward(benchmark, problem):
     _, c_seq, gates = p.saved
     i, f, g, o = (np.ascontiguousarray(gates[..., k * H:(k + 1) * H]) for k in range(4))
     d_z = np.empty_like(gates)
+    _, backward = cell_math_loops()
     part(benchmark, shape, "train", "cell_math_backward",
-         lambda: cell_math_backward(i, f, g, o, c_seq, p.d_outputs, p.zeros.copy(), d_z,
-                                    *p.codes))
+         lambda: backward(i, f, g, o, c_seq, p.d_outputs, p.zeros.copy(), d_z, *p.codes))
 
 
-def _compiled_gates():
+@functools.cache
+def cell_math_loops():
+    """`(forward, backward)`: njit loops applying the gate functions over every step.
+
+    Built on first use, so that collecting this file imports no framework.
+    """
     from fusedlstm.kernels.gates import compile_gates
 
-    return compile_gates(numba.njit(inline="always", error_model="numpy"))
+    gates = compile_gates(numba.njit(inline="always", error_model="numpy"))
+    cell_forward, cell_backward = gates.cell_forward, gates.cell_backward
 
+    @numba.njit(error_model="numpy")
+    def forward(zi, zf, zc, zo, c, h, activation, recurrent_activation):
+        """Forward gate math on [T, N, H] pre-activations; `c` [N, H] carries over
+        steps, `h` [T, N, H] is written."""
+        T, N, H = zi.shape
+        for t in range(T):
+            for n in range(N):
+                for k in range(H):
+                    _, _, _, _, c[n, k], h[t, n, k] = cell_forward(
+                        zi[t, n, k], zf[t, n, k], zc[t, n, k], zo[t, n, k], c[n, k],
+                        activation, recurrent_activation)
 
-_gates = _compiled_gates()
-_cell_forward = _gates.cell_forward
-_cell_backward = _gates.cell_backward
+    @numba.njit(error_model="numpy")
+    def backward(i, f, g, o, c_seq, d_h, dc, d_z, activation, recurrent_activation):
+        """Backward gate math in reverse time on [T, N, H] saved gates and [T+1, N, H]
+        carries; `dc` [N, H] carries over steps, `d_z` [T, N, 4H] is written."""
+        T, N, H = i.shape
+        for t in range(T - 1, -1, -1):
+            for n in range(N):
+                for k in range(H):
+                    (d_z[t, n, k], d_z[t, n, H + k], d_z[t, n, 2 * H + k],
+                     d_z[t, n, 3 * H + k], dc[n, k]) = cell_backward(
+                        i[t, n, k], f[t, n, k], g[t, n, k], o[t, n, k], c_seq[t, n, k],
+                        c_seq[t + 1, n, k], d_h[t, n, k], dc[n, k], activation,
+                        recurrent_activation)
 
-
-@numba.njit(error_model="numpy")
-def cell_math_forward(zi, zf, zc, zo, c, h, activation, recurrent_activation):
-    """The forward gate math of every step on [T, N, H] pre-activations; `c` [N, H]
-    carries over steps, `h` [T, N, H] is written."""
-    T, N, H = zi.shape
-    for t in range(T):
-        for n in range(N):
-            for k in range(H):
-                _, _, _, _, c[n, k], h[t, n, k] = _cell_forward(
-                    zi[t, n, k], zf[t, n, k], zc[t, n, k], zo[t, n, k], c[n, k],
-                    activation, recurrent_activation)
-
-
-@numba.njit(error_model="numpy")
-def cell_math_backward(i, f, g, o, c_seq, d_h, dc, d_z, activation, recurrent_activation):
-    """The backward gate math of every step, in reverse time, on [T, N, H] saved
-    gates and [T+1, N, H] carries; `dc` [N, H] carries over steps, `d_z`
-    [T, N, 4H] is written."""
-    T, N, H = i.shape
-    for t in range(T - 1, -1, -1):
-        for n in range(N):
-            for k in range(H):
-                (d_z[t, n, k], d_z[t, n, H + k], d_z[t, n, 2 * H + k], d_z[t, n, 3 * H + k],
-                 dc[n, k]) = _cell_backward(
-                    i[t, n, k], f[t, n, k], g[t, n, k], o[t, n, k], c_seq[t, n, k],
-                    c_seq[t + 1, n, k], d_h[t, n, k], dc[n, k], activation,
-                    recurrent_activation)
+    return forward, backward
