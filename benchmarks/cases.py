@@ -38,11 +38,42 @@ def problem(shape, case):
     return x, mask, weights
 
 
-def gemm_floor_ms(shape, mode, gflops=178.0):
-    """The shape's matrix work at the machine's measured sgemm rate."""
-    N, T, C, H = shape
-    flops = 2 * N * T * (C + H) * 4 * H * (3 if mode == "train" else 1)
-    return flops / (gflops * 1e9) * 1e3
+class KernelProblem:
+    """The fused CPU kernels' host drivers at one shape, on NumPy arrays, time-major
+    (no mask, tanh and sigmoid), with what the backward calls need already saved.
+
+    The forward outputs are checked against the float64 reference first.
+    """
+
+    def __init__(self, shape):
+        from fusedlstm.kernels import cpu
+        from fusedlstm.kernels.gates import ACTIVATION_CODES
+
+        x, _, (kernel, recurrent_kernel, bias) = problem(SHAPES[shape], "plain")
+        self.cpu = cpu
+        self.x = np.ascontiguousarray(x.transpose(1, 0, 2))
+        self.kernel, self.recurrent_kernel, self.bias = kernel, recurrent_kernel, bias
+        self.xw = self.x @ kernel + bias
+        T, N, _ = self.x.shape
+        H = recurrent_kernel.shape[0]
+        self.zeros = np.zeros((N, H), np.float32)
+        self.codes = (ACTIVATION_CODES["tanh"], ACTIVATION_CODES["sigmoid"])
+        self.outputs, _, _, self.saved = self.forward(training=True)
+        check_against_reference(self.outputs.transpose(1, 0, 2), x, None,
+                                [kernel, recurrent_kernel, bias])
+        self.d_outputs = 2 * self.outputs
+
+    def forward(self, training):
+        return self.cpu.forward(self.xw, self.recurrent_kernel, self.zeros, self.zeros, None,
+                                None, *self.codes, False, training)
+
+    def backward(self):
+        return self.cpu.backward(self.recurrent_kernel, None, None, *self.codes, False,
+                                 self.saved, self.d_outputs, self.zeros, self.zeros)
+
+    def gradients(self):
+        return self.cpu.gradients(self.x, self.recurrent_kernel, None, None, None, *self.codes,
+                                  False, self.saved, self.d_outputs, self.zeros, self.zeros)
 
 
 def make_keras(layer_class, shape, mode, case):
