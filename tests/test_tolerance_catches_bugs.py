@@ -76,22 +76,20 @@ def row_by_row_float32_sum(terms):
 
 
 def kernel_weight_gradients(case):
-    """`(d_xw, inputs)` for an unmasked case: d_xw [T * N, 4H] from the CPU kernels,
-    and the [T * N, K] inputs of the kernel and recurrent kernel gradients."""
+    """`(d_xw, inputs)` for an unmasked case: d_xw [N * T, 4H] from the CPU kernels,
+    and the [N * T, K] inputs of the kernel and recurrent kernel gradients."""
     kernel, recurrent_kernel, bias = case.weights
     N, T, C = case.x.shape
     H = recurrent_kernel.shape[0]
-    steps_first = np.ascontiguousarray(case.x.transpose(1, 0, 2))
     zeros = np.zeros((N, H), np.float32)
     codes = ACTIVATION_CODES["tanh"], ACTIVATION_CODES["sigmoid"]
-    _, _, _, saved = cpu.forward(steps_first @ kernel + bias, recurrent_kernel, zeros, zeros,
+    _, _, _, saved = cpu.forward(case.x @ kernel + bias, recurrent_kernel, zeros, zeros,
                                  None, None, *codes, False, True)
     probe = np.random.default_rng(parity.PROBE_SEED).standard_normal((N, T, H))
     d_xw, _, _ = cpu.backward(recurrent_kernel, None, None, *codes, False, saved,
-                              np.float32(probe.transpose(1, 0, 2)), zeros, zeros)
-    rows = T * N
-    inputs = {"kernel": steps_first.reshape(rows, C),
-              "recurrent_kernel": saved[0][:-1].reshape(rows, H)}
+                              np.float32(probe), zeros, zeros)
+    rows = N * T
+    inputs = {"kernel": case.x.reshape(rows, C), "recurrent_kernel": saved[0].reshape(rows, H)}
     return d_xw.reshape(rows, 4 * H), inputs
 
 
