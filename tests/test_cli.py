@@ -207,9 +207,9 @@ def test_errors_from_the_command_line_have_no_traceback(tmp_path):
 
 
 def test_device_gpu_without_gpu_is_one_line(capsys):
-    from fusedlstm import report
+    from fusedlstm import environment
 
-    if report.gpu_name() is not None:
+    if environment.gpu_name() is not None:
         pytest.skip("a GPU is visible")
     code, out, err = run_main(capsys, "--device", "gpu", "--runs", "1")
     assert code == 2
