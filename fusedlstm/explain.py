@@ -133,7 +133,7 @@ def explain_torch_layout(input_dim, units, use_bias=True):
         "",
         "Gate blocks: the same order i, f, c, o in both (torch calls c \"g\"); torch's blocks",
         "are rows of the transposed Keras arrays",
-        f"  {'gate':<22}{'torch state_dict':<38}Keras get_weights()",
+        f"  {'gate':<24}{'torch state_dict':<38}Keras get_weights()",
     ]
     for g, (letter, name) in enumerate(GATES):
         rows = f"{g * H}:{(g + 1) * H}"
@@ -144,7 +144,7 @@ def explain_torch_layout(input_dim, units, use_bias=True):
         if use_bias:
             pairs.append((f"bias_ih_l0[{rows}] + bias_hh_l0[{rows}]", f"bias[{rows}]"))
         for k, (torch_part, keras_part) in enumerate(pairs):
-            lines.append(f"  {gate if k == 0 else '':<22}{torch_part:<36}= {keras_part}")
+            lines.append(f"  {gate if k == 0 else '':<24}{torch_part:<36}= {keras_part}")
     lines += [
         "",
         "Shapes",
