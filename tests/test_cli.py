@@ -1,6 +1,7 @@
 """Tests for `python -m fusedlstm` and its subcommands `check`, `demo` and `explain`.
 
-The main job, the demo and a few more run as real subprocesses; the rest call
+The main job, the demo and a few more run as real subprocesses, started as a
+user would start them (no `TF_CPP_MIN_LOG_LEVEL`); the rest call
 `fusedlstm.cli.main` in this process, which is faster.
 """
 
@@ -13,7 +14,7 @@ import keras
 import pytest
 
 import fusedlstm
-from fusedlstm import cli, explain, layout_figure
+from fusedlstm import cli, explain, layout_figure, quiet_start
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -24,10 +25,16 @@ def run_module(*args, cwd=None, combined=False):
     With `combined`, stderr goes into `stdout` as it comes, the way a
     terminal shows both.
     """
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
     return subprocess.run([sys.executable, "-m", "fusedlstm", *args], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT if combined else subprocess.PIPE,
                           text=True, env=env, cwd=cwd, timeout=300)
+
+
+def framework_logging(output):
+    """The lines of TensorFlow's and absl's C++ logging in `output`."""
+    return [line for line in output.splitlines()
+            if quiet_start.FRAMEWORK_LOGGING.fullmatch(line) or "E0000" in line]
 
 
 def run_main(capsys, *args):
@@ -38,11 +45,6 @@ def run_main(capsys, *args):
         code = exit.code
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def error_lines(stderr):
-    """Our error lines, without the framework's start-up logging."""
-    return [line for line in stderr.splitlines() if "error:" in line]
 
 
 def assert_valid_png(path):
@@ -69,6 +71,8 @@ def test_main_job_reports_environment_parity_and_timings(tmp_path):
                         "--json", str(json_path), "--png", str(png_path), combined=True)
     out = result.stdout
     assert result.returncode == 0, out
+    assert out.splitlines()[0] == "Environment"
+    assert framework_logging(out) == []
     for label in ("keras backend", "keras ", "numba", "device", "kernel", "fused path"):
         assert f"  {label}" in out
     assert f"  keras          {keras.__version__}" in out
@@ -300,14 +304,60 @@ def test_unreadable_model_prints_one_line(capsys, tmp_path):
     assert err.count("\n") == 1 and f"cannot load {path} as a Keras model" in err
 
 
-def test_errors_from_the_command_line_have_no_traceback(tmp_path):
+def test_errors_from_the_command_line_are_all_it_prints(tmp_path):
     for args, message in ((["bogus"], "invalid choice"),
                           (["explain", "--model", str(tmp_path / "x.keras")], "no such file")):
-        result = run_module(*args)
+        result = run_module(*args, combined=True)
         assert result.returncode == 2
-        assert "Traceback" not in result.stderr
-        assert len(error_lines(result.stderr)) == 1
-        assert message in error_lines(result.stderr)[0]
+        lines = result.stdout.splitlines()
+        assert len(lines) == 1 and message in lines[0]
+
+
+def test_first_line_printed_is_its_own():
+    result = run_module("explain", "--input-dim", "4", "--units", "2", combined=True)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines()[0] == "LSTM with input_dim C = 4, units H = 2"
+    assert framework_logging(result.stdout) == []
+
+
+def test_library_import_is_left_alone():
+    assert not quiet_start.is_cli_process()
+
+
+@pytest.mark.parametrize("argv, module", [
+    (["python", "-m", "fusedlstm", "check"], "fusedlstm"),
+    (["python", "-X", "importtime", "-m", "fusedlstm"], "fusedlstm"),
+    (["python", "-mfusedlstm"], "fusedlstm"),
+    (["python", "-m", "pytest", "tests"], "pytest"),
+    (["python", "script.py", "-m", "fusedlstm"], "fusedlstm"),
+    (["python"], None),
+])
+def test_module_run_is_read_from_the_interpreter_arguments(argv, module):
+    assert quiet_start._module_run(argv) == module
+
+
+FRAMEWORK_LINES = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "I0000 00:00:1795310808.403922   17369 port.cc:153] oneDNN custom operations are on.",
+    "W0000 00:00:1795310808.403922   17369 cpu_feature_guard.cc:227] an absl warning",
+    "2026-11-22 01:00:00.123456: I tensorflow/core/platform/cpu_feature_guard.cc:210] "
+    "This TensorFlow binary is optimized to use available CPU instructions.",
+    "To enable the following instructions: AVX2 FMA, in other operations, rebuild "
+    "TensorFlow with the appropriate compiler flags.",
+]
+KEPT_LINES = [
+    "/site-packages/keras/src/layers/layer.py:3: UserWarning: a warning that matters",
+    "E0000 00:00:1795310808.4 17369 util.cc:131] an error-level line",
+    "fusedlstm: error: a CLI error",
+]
+
+
+def test_held_stderr_writes_back_all_but_framework_logging(capfd):
+    with quiet_start._stderr_held(quiet_start.FRAMEWORK_LOGGING):
+        for line in FRAMEWORK_LINES[:3] + KEPT_LINES[:2] + FRAMEWORK_LINES[3:] + KEPT_LINES[2:]:
+            os.write(2, f"{line}\n".encode())
+        assert capfd.readouterr().err == ""
+    assert capfd.readouterr().err.splitlines() == KEPT_LINES
 
 
 def test_device_gpu_without_gpu_is_one_line(capsys):
