@@ -9,9 +9,15 @@ the command line's process `quiet_framework_start` also holds file descriptor
 2 while the frameworks are imported and writes back only the lines that are
 not this logging: Python warnings and errors still show. Everywhere else, the
 library imported by any other program, it does nothing.
+
+TensorFlow is imported inside the hold on every Keras backend where it is
+installed: otherwise Keras imports it later, unheld (`keras.utils.set_random_seed`
+seeds TensorFlow too whenever it is importable).
 """
 
 import contextlib
+import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -51,13 +57,16 @@ def quiet_framework_start():
 
     Sets `TF_CPP_MIN_LOG_LEVEL=3` unless the user set it, and holds file
     descriptor 2; on leaving, writes back every held line that is not
-    framework logging (`FRAMEWORK_LOGGING`).
+    framework logging (`FRAMEWORK_LOGGING`). TensorFlow, when installed, is
+    imported within the hold whatever the Keras backend.
     """
     if not is_cli_process():
         yield
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with _stderr_held(FRAMEWORK_LOGGING):
+        if importlib.util.find_spec("tensorflow") is not None:
+            importlib.import_module("tensorflow")
         yield
 
 
