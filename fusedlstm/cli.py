@@ -195,11 +195,11 @@ def _run_explain(args):
         model, shapes = explain.load_lstm_shapes(args.model)
         print(explain.explain_model(model, shapes, layout=args.layout))
     elif args.input_dim and args.units:
-        describe = (explain.explain_torch_layout if args.layout == "torch"
-                    else explain.explain_lstm)
-        extra = {"timesteps": args.timesteps} if args.layout == "keras" else {}
-        print(describe(args.input_dim, args.units, **extra))
         shapes = [explain.LstmShape(args.input_dim, args.units)]
+        if args.layout == "torch":
+            print(explain.explain_torch_layout(args.input_dim, args.units))
+        else:
+            print(explain.explain_lstm(args.input_dim, args.units, timesteps=args.timesteps))
     else:
         raise CliError("explain needs --input-dim C and --units H, or --model FILE")
     if args.png:
