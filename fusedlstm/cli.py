@@ -2,27 +2,23 @@
 
 Three subcommands: `check` (the default: environment, parity with
 `keras.layers.LSTM`, timings), `demo` (a small forecasting model trained with
-both layers) and `explain` (the parameter arithmetic of an LSTM). A mistake a
-user can make ends with one line on stderr and exit code 2; a parity failure
-exits with 1.
+both layers) and `explain` (the weight layout and parameter arithmetic of an
+LSTM, in words or as a picture). A mistake a user can make ends with one line
+on stderr and exit code 2; a parity failure exits with 1.
+
+Each subcommand is one `_add_*` function in `SUBCOMMANDS` that adds its parser
+and sets `run`, the function that carries it out.
 """
 
 import argparse
 import os
 import sys
 
-import keras
+from fusedlstm.errors import USAGE_ERROR, CliError
+from fusedlstm.timings import format_shape
 
-import fusedlstm
-
-GATES = (("i", "input gate"), ("f", "forget gate"), ("c", "cell candidate"),
-         ("o", "output gate"))
-USAGE_ERROR = 2
 DEFAULT_SHAPES = ((1, 100, 32, 128), (32, 100, 64, 256))
-
-
-class CliError(Exception):
-    """A mistake the user can fix; printed as one line, without a traceback."""
+LAYOUTS = ("keras", "torch")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -58,19 +54,23 @@ def _with_default_command(argv):
 
 
 def build_parser():
-    """The argument parser with its three subcommands."""
+    """The argument parser with one subparser per entry of `SUBCOMMANDS`."""
     parser = _ArgumentParser(
         prog="python -m fusedlstm",
         description="Check fusedlstm on this machine, run a demo, or explain LSTM "
                     "parameter counts. Without a subcommand, `check` runs.")
     commands = parser.add_subparsers(dest="command")
-
     device = _ArgumentParser(add_help=False)
     device.add_argument(
         "--device", choices=("auto", "cpu", "gpu"), default="auto",
         help="where to run: the GPU when one is visible (auto, the default), "
              "the CPU, or the GPU (an error without one)")
+    for add_command in SUBCOMMANDS:
+        add_command(commands, device)
+    return parser
 
+
+def _add_check(commands, device):
     check = commands.add_parser(
         "check", parents=[device],
         help="report the environment, verify parity with keras.layers.LSTM and "
@@ -91,6 +91,8 @@ def build_parser():
                        help="also draw the timings to FILE (needs matplotlib)")
     check.set_defaults(run=_run_check)
 
+
+def _add_demo(commands, device):
     demo = commands.add_parser(
         "demo", parents=[device],
         help="train a small CO2 forecasting model with both layers",
@@ -113,12 +115,15 @@ def build_parser():
                       help="where to draw the forecast and loss curves (default: %(default)s)")
     demo.set_defaults(run=_run_demo)
 
+
+def _add_explain(commands, device):
     explain = commands.add_parser(
         "explain",
         help="show the shapes, gate blocks and parameter count of an LSTM",
         description="Show the three weight arrays of an LSTM, the column range of "
                     "each gate and the parameter count 4 * ((C + H) * H + H), for "
-                    "given sizes or for every LSTM in a saved .keras model.")
+                    "given sizes or for every LSTM in a saved .keras model; "
+                    "optionally as a picture, or mapped onto torch.nn.LSTM.")
     explain.add_argument("--input-dim", type=_positive_int, metavar="C",
                          help="input features per timestep")
     explain.add_argument("--units", type=_positive_int, metavar="H", help="LSTM units")
@@ -126,8 +131,13 @@ def build_parser():
                          help="sequence length (it changes none of the numbers)")
     explain.add_argument("--model", metavar="FILE",
                          help="explain every LSTM in this saved Keras model (.keras)")
+    explain.add_argument("--layout", choices=LAYOUTS, default="keras",
+                         help="keras: Keras's arrays and gate blocks (the default); torch: "
+                              "which block of a torch.nn.LSTM's state_dict each one is")
+    explain.add_argument("--png", type=_output_path, metavar="FILE",
+                         help="also draw the three arrays of each LSTM to scale to FILE "
+                              "(needs matplotlib)")
     explain.set_defaults(run=_run_explain)
-    return parser
 
 
 def _positive_int(text):
@@ -150,11 +160,6 @@ def _shape(text):
         raise argparse.ArgumentTypeError(
             f"expected N,T,C,H (four positive integers), got {text!r}")
     return shape
-
-
-def format_shape(shape):
-    """`(1, 100, 32, 128)` as `"1,100,32,128"`, the way `--shapes` takes it."""
-    return ",".join(str(n) for n in shape)
 
 
 def _output_path(text):
@@ -180,103 +185,35 @@ def _run_demo(args):
 
 
 def _run_explain(args):
+    from fusedlstm import explain
+
+    if args.png:
+        from fusedlstm.environment import require_module
+
+        require_module("matplotlib", "--png")
     if args.model:
-        print(explain_model(args.model))
+        model, shapes = explain.load_lstm_shapes(args.model)
+        print(explain.explain_model(model, shapes, layout=args.layout))
     elif args.input_dim and args.units:
-        print(explain_lstm(args.input_dim, args.units, timesteps=args.timesteps))
+        shapes = [explain.LstmShape(args.input_dim, args.units)]
+        if args.layout == "torch":
+            print(explain.explain_torch_layout(args.input_dim, args.units))
+        else:
+            print(explain.explain_lstm(args.input_dim, args.units, timesteps=args.timesteps))
     else:
         raise CliError("explain needs --input-dim C and --units H, or --model FILE")
+    if args.png:
+        _draw_layout(args.png, shapes, args.timesteps)
     return 0
 
 
-def lstm_param_count(input_dim, units, use_bias=True):
-    """Parameters of an LSTM: 4 * ((C + H) * H + H), or 4 * (C + H) * H without bias."""
-    return 4 * ((input_dim + units) * units + (units if use_bias else 0))
+def _draw_layout(path, shapes, timesteps):
+    from fusedlstm import layout_figure
+
+    if not shapes:
+        raise CliError("--png: no LSTM layers to draw")
+    layout_figure.save_layout(path, shapes, timesteps=timesteps)
+    print(f"\nWrote {path}")
 
 
-def explain_lstm(input_dim, units, use_bias=True, timesteps=None):
-    """The shapes, gate blocks and parameter count of one LSTM, as text.
-
-    Args:
-        input_dim: C, the input features per timestep.
-        units: H, the LSTM units.
-        use_bias: whether the layer has a bias vector.
-        timesteps: T, shown only to say that it changes nothing.
-    """
-    C, H = input_dim, units
-    lines = [
-        f"LSTM with input_dim C = {C}, units H = {H}",
-        "",
-        "Weights (the four gates side by side along the last axis, in the order i, f, c, o)",
-        f"  kernel            (C, 4H) = {str((C, 4 * H)):<12} {C} * {4 * H} = {C * 4 * H}",
-        f"  recurrent_kernel  (H, 4H) = {str((H, 4 * H)):<12} {H} * {4 * H} = {H * 4 * H}",
-    ]
-    if use_bias:
-        lines.append(f"  bias              (4H,)   = {str((4 * H,)):<12} {4 * H}")
-    lines += ["", "Gate blocks (the same ranges in kernel and recurrent_kernel; bias likewise)"]
-    for g, (letter, name) in enumerate(GATES):
-        symbolic = f"[:, {_multiple(g)}:{_multiple(g + 1)}]"
-        numeric = f"[:, {g * H}:{(g + 1) * H}]"
-        bias = f"   bias[{g * H}:{(g + 1) * H}]" if use_bias else ""
-        lines.append(f"  {letter}  {name:<15} {symbolic:<12} = {numeric:<14}{bias}".rstrip())
-    per_gate_bias = " + H" if use_bias else ""
-    per_gate_bias_value = f" + {H}" if use_bias else ""
-    lines += [
-        "",
-        f"Parameters = 4 * ((C + H) * H{per_gate_bias})",
-        f"           = 4 * (({C} + {H}) * {H}{per_gate_bias_value})",
-        f"           = 4 * {lstm_param_count(C, H, use_bias) // 4}",
-        f"           = {lstm_param_count(C, H, use_bias)}",
-        "",
-    ]
-    length = "The sequence length" if timesteps is None else f"The sequence length T = {timesteps}"
-    lines.append(f"{length} changes none of this: the same weights are applied at every "
-                 "timestep.")
-    return "\n".join(lines)
-
-
-def _multiple(k):
-    return {0: "0", 1: "H"}.get(k, f"{k}H")
-
-
-def explain_model(path):
-    """`explain_lstm` for every LSTM in the saved Keras model at `path`."""
-    if not os.path.isfile(path):
-        raise CliError(f"no such file: {path}")
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types for a file it cannot read.
-        raise CliError(f"cannot load {path} as a Keras model: {_first_line(error)}") from None
-    sections = []
-    total = 0
-    for name, layer in lstm_layers(model):
-        kind = "fusedlstm.LSTM" if isinstance(layer, fusedlstm.LSTM) else "keras.layers.LSTM"
-        C, H, use_bias = layer.cell.kernel.shape[0], layer.units, layer.cell.use_bias
-        total += lstm_param_count(C, H, use_bias)
-        sections.append(f"== {name} ({kind}) ==\n{explain_lstm(C, H, use_bias)}")
-    if not sections:
-        return f"{path}: no LSTM layers"
-    sections.append(f"{len(sections)} LSTM layer(s), {total} LSTM parameters of the model's "
-                    f"{model.count_params()}.")
-    return "\n\n".join(sections)
-
-
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def lstm_layers(layer, prefix=""):
-    """Yields `(path, layer)` for every LSTM in `layer`, wrappers and nested models included."""
-    path = f"{prefix}{layer.name}"
-    if isinstance(layer, keras.layers.LSTM):
-        yield path, layer
-        return
-    if isinstance(layer, keras.layers.Bidirectional):
-        children = [layer.forward_layer, layer.backward_layer]
-    elif isinstance(layer, keras.layers.Wrapper):
-        children = [layer.layer]
-    else:
-        children = getattr(layer, "layers", [])
-    for child in children:
-        yield from lstm_layers(child, prefix=f"{path}/")
+SUBCOMMANDS = (_add_check, _add_demo, _add_explain)

@@ -1,8 +1,15 @@
-"""Conversions between `keras.layers.LSTM` and `fusedlstm.LSTM`, and export.
+"""Conversions between `keras.layers.LSTM`, `fusedlstm.LSTM` and `torch.nn.LSTM`, and export.
 
-Both layers hold the same weights in the same order, so a model converts by
-cloning it with every LSTM swapped for the other class (`keras.models.clone_model`
-with a `clone_function`) and copying the weights over unchanged.
+Both Keras layers hold the same weights in the same order, so a model converts
+by cloning it with every LSTM swapped for the other class
+(`keras.models.clone_model` with a `clone_function`) and copying the weights
+over unchanged.
+
+A `torch.nn.LSTM` stacks the same four gates in the same order (i, f, c, o;
+torch calls c "g") along the first axis of transposed matrices, and splits the
+bias in two: `weights_to_torch` and `weights_from_torch` move one layer's
+weights across. `python -m fusedlstm explain --layout torch` prints the
+correspondence block by block.
 
 To serve a model, convert it to stock layers first: the fused kernel runs in
 a Python callback, which a SavedModel cannot carry to another process.
@@ -13,13 +20,19 @@ Example:
 >>> fused = fusedlstm.convert.to_fused(model)
 >>> stock = fusedlstm.convert.to_stock(fused)
 >>> fusedlstm.convert.export(fused, "/tmp/lstm_saved_model")
+>>> lstm = torch.nn.LSTM(8, 16, batch_first=True)
+>>> lstm.load_state_dict(fusedlstm.convert.weights_to_torch(model.layers[0].get_weights()))
+>>> model.layers[0].set_weights(fusedlstm.convert.weights_from_torch(lstm.state_dict()))
 """
 
 import keras
+import numpy as np
 
 from fusedlstm.layer import LSTM
 
 _FUSED_ONLY_CONFIG = ("use_fused",)
+TORCH_WEIGHT_KEYS = ("weight_ih_l0", "weight_hh_l0")
+TORCH_BIAS_KEYS = ("bias_ih_l0", "bias_hh_l0")
 
 
 def to_fused(model):
@@ -128,3 +141,127 @@ def _to_stock_layer(layer):
     for key in _FUSED_ONLY_CONFIG:
         config.pop(key)
     return keras.layers.LSTM.from_config(config)
+
+
+def weights_to_torch(weights):
+    """The state_dict of a one-layer `torch.nn.LSTM` equal in function to `weights`.
+
+    `weight_ih_l0` is `kernel` transposed, `weight_hh_l0` is
+    `recurrent_kernel` transposed (the gate blocks keep their order), the
+    Keras bias goes to `bias_ih_l0` and zeros to `bias_hh_l0`. PyTorch is
+    imported here, on the first call: `load_state_dict` takes only tensors.
+
+    Args:
+        weights: the `get_weights()` of a `keras.layers.LSTM` or
+            `fusedlstm.LSTM` with C input features and H units:
+            `[kernel [C, 4H], recurrent_kernel [H, 4H], bias [4H]]`, or the
+            first two when the layer has `use_bias=False`.
+
+    Returns:
+        A dict of CPU `torch.Tensor`s, in the arrays' dtype, for
+        `torch.nn.LSTM(C, H, bias=use_bias, batch_first=True).load_state_dict`.
+
+    Raises:
+        ValueError: when `weights` are not an LSTM's two or three arrays of
+            matching shapes.
+        ImportError: when PyTorch is not installed.
+    """
+    kernel, recurrent_kernel, bias = _keras_lstm_arrays(weights)
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"weights_to_torch needs PyTorch: pip install 'fusedlstm[torch]' ({error})") from None
+    arrays = {"weight_ih_l0": kernel.T, "weight_hh_l0": recurrent_kernel.T}
+    if bias is not None:
+        arrays.update(bias_ih_l0=bias, bias_hh_l0=np.zeros_like(bias))
+    return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in arrays.items()}
+
+
+def weights_from_torch(state_dict):
+    """The `get_weights()` of a Keras LSTM equal in function to a `torch.nn.LSTM`.
+
+    The reverse of `weights_to_torch`: `kernel` is `weight_ih_l0`
+    transposed, `recurrent_kernel` is `weight_hh_l0` transposed and `bias` is
+    `bias_ih_l0 + bias_hh_l0`. PyTorch is not imported.
+
+    Args:
+        state_dict: the `state_dict()` of a one-layer, one-direction
+            `torch.nn.LSTM` without `proj_size`, C inputs and H units:
+            `weight_ih_l0` [4H, C], `weight_hh_l0` [4H, H] and, with
+            `bias=True`, `bias_ih_l0` and `bias_hh_l0` [4H]. Tensors (on any
+            device) or NumPy arrays.
+
+    Returns:
+        `[kernel [C, 4H], recurrent_kernel [H, 4H], bias [4H]]` as NumPy
+        arrays, without `bias` when the torch LSTM has none, for
+        `set_weights` of a `keras.layers.LSTM(H)` or `fusedlstm.LSTM(H)` with
+        the same `use_bias`.
+
+    Raises:
+        ValueError: when the keys are not those of such an LSTM, or the
+            shapes do not match each other.
+    """
+    keys = sorted(getattr(state_dict, "keys", lambda: ())())
+    expected = [sorted(TORCH_WEIGHT_KEYS), sorted(TORCH_WEIGHT_KEYS + TORCH_BIAS_KEYS)]
+    if keys not in expected:
+        raise ValueError(
+            "Expected the state_dict of a one-layer, one-direction torch.nn.LSTM without "
+            f"proj_size, with the keys {expected[1]} (or {expected[0]} with bias=False). "
+            f"Received: keys {keys}")
+    arrays = {key: _as_numpy(value) for key, value in state_dict.items()}
+    weight_ih, weight_hh = arrays["weight_ih_l0"], arrays["weight_hh_l0"]
+    _check_gate_matrix("weight_ih_l0", weight_ih, "(4H, C)", gate_axis=0)
+    four_h = weight_ih.shape[0]
+    expected_shapes = {"weight_hh_l0": (four_h, four_h // 4)}
+    expected_shapes.update({key: (four_h,) for key in TORCH_BIAS_KEYS if key in arrays})
+    for key, shape in expected_shapes.items():
+        if arrays[key].shape != shape:
+            raise ValueError(
+                f"Expected {key} of shape {shape} to match weight_ih_l0 {weight_ih.shape} "
+                f"(4H = {four_h}). Received: {key} of shape {arrays[key].shape}")
+    weights = [weight_ih.T.copy(), weight_hh.T.copy()]
+    if "bias_ih_l0" in arrays:
+        weights.append(arrays["bias_ih_l0"] + arrays["bias_hh_l0"])
+    return weights
+
+
+def _keras_lstm_arrays(weights):
+    """`(kernel, recurrent_kernel, bias or None)` of an LSTM's `get_weights()`, checked."""
+    if not isinstance(weights, (list, tuple)) or len(weights) not in (2, 3):
+        raise ValueError(
+            "Expected an LSTM's get_weights(): [kernel (C, 4H), recurrent_kernel (H, 4H), "
+            f"bias (4H,)], or the first two without bias. Received: {_describe(weights)}")
+    kernel, recurrent_kernel, *bias = (np.asarray(w) for w in weights)
+    _check_gate_matrix("kernel", kernel, "(C, 4H)", gate_axis=1)
+    H = kernel.shape[1] // 4
+    expected = {"recurrent_kernel": (recurrent_kernel, (H, 4 * H))}
+    if bias:
+        expected["bias"] = (bias[0], (4 * H,))
+    for name, (array, shape) in expected.items():
+        if array.shape != shape:
+            raise ValueError(
+                f"Expected {name} of shape {shape} to match kernel {kernel.shape} "
+                f"(H = {H}). Received: {name} of shape {array.shape}")
+    return kernel, recurrent_kernel, bias[0] if bias else None
+
+
+def _check_gate_matrix(name, array, layout, gate_axis):
+    """Raises unless `array` is 2-D with a positive multiple of 4 (4H) along `gate_axis`."""
+    if array.ndim != 2 or array.shape[gate_axis] == 0 or array.shape[gate_axis] % 4:
+        raise ValueError(
+            f"Expected {name} of shape {layout} with 4H a positive multiple of 4. "
+            f"Received: {name} of shape {array.shape}")
+
+
+def _as_numpy(value):
+    """A torch tensor (any device) or an array-like as a NumPy array, without importing torch."""
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _describe(weights):
+    if isinstance(weights, (list, tuple)):
+        return f"{len(weights)} arrays of shapes {[np.shape(w) for w in weights]}"
+    return f"weights={weights!r} of type {type(weights)}"

@@ -14,8 +14,9 @@ import keras
 import numpy as np
 
 import fusedlstm
-from fusedlstm import report
-from fusedlstm.cli import CliError
+from fusedlstm.environment import (device_scope, fused_backend_problem, require_module,
+                                   resolve_device)
+from fusedlstm.errors import CliError
 
 TRAIN_FRACTION = 0.8
 PLOTTED_TRAINING_MONTHS = 120
@@ -36,11 +37,11 @@ def run_demo(epochs, units, window, batch_size, seed, png_path, device="auto"):
         0.
     """
     for module in ("statsmodels", "matplotlib"):
-        report.require_module(module, "the demo")
-    problem = report.fused_backend_problem()
+        require_module(module, "the demo")
+    problem = fused_backend_problem()
     if problem:
         raise CliError(problem)
-    on_gpu = report.resolve_device(device)
+    on_gpu = resolve_device(device)
     dates, co2 = load_co2_monthly()
     split = int(len(co2) * TRAIN_FRACTION)
     if split <= window:
@@ -55,7 +56,7 @@ def run_demo(epochs, units, window, batch_size, seed, png_path, device="auto"):
     results = {}
     keras.utils.set_random_seed(seed)
     initial_weights = build_model(keras.layers.LSTM, window, units).get_weights()
-    with report.device_scope(on_gpu):
+    with device_scope(on_gpu):
         for name, (label, layer_class) in LAYERS.items():
             print(f"\nTraining with {label}")
             model = build_model(layer_class, window, units)
