@@ -1,9 +1,10 @@
 """The `python -m fusedlstm` command line.
 
-Three subcommands: `check` (the default: environment, parity with
-`keras.layers.LSTM`, timings), `demo` (a small forecasting model trained with
-both layers) and `explain` (the weight layout and parameter arithmetic of an
-LSTM, in words or as a picture). A mistake a user can make ends with one line
+Four subcommands: `check` (the default: environment, parity with
+`keras.layers.LSTM`, timings), `compile` (the CPU kernels into Numba's disk
+cache, ahead of time), `demo` (a small forecasting model trained with both
+layers) and `explain` (the weight layout and parameter arithmetic of an LSTM,
+in words or as a picture). A mistake a user can make ends with one line
 on stderr and exit code 2; a parity failure exits with 1.
 
 Each subcommand is one `_add_*` function in `SUBCOMMANDS` that adds its parser
@@ -140,6 +141,29 @@ def _add_explain(commands, device):
     explain.set_defaults(run=_run_explain)
 
 
+def _add_compile(commands, device):
+    from fusedlstm.kernels.gates import ACTIVATION_CODES
+    from fusedlstm.precompile import DEFAULT_PAIR
+
+    compile_ = commands.add_parser(
+        "compile",
+        help="compile the CPU kernels into Numba's disk cache ahead of time",
+        description="Compile the CPU kernels of an activation pair (or of every pair) "
+                    "into Numba's on-disk cache, so that the first call of a layer in a "
+                    "later process loads them instead of compiling them: for container "
+                    "images and job start-up.")
+    names = sorted(ACTIVATION_CODES)
+    compile_.add_argument("--activation", choices=names, default=DEFAULT_PAIR[0],
+                          help="the layer's activation (default: %(default)s)")
+    compile_.add_argument("--recurrent-activation", choices=names, default=DEFAULT_PAIR[1],
+                          help="the layer's recurrent activation (default: %(default)s)")
+    compile_.add_argument("--all-pairs", action="store_true",
+                          help=f"every pair of {', '.join(names)} ({len(names) ** 2} pairs)")
+    compile_.add_argument("--inference", action="store_true",
+                          help="only the forward kernel (no training)")
+    compile_.set_defaults(run=_run_compile)
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -174,6 +198,17 @@ def _run_check(args):
 
     return report.run_check(shapes=args.shapes, runs=args.runs, json_path=args.json,
                             png_path=args.png, device=args.device)
+
+
+def _run_compile(args):
+    from fusedlstm import precompile
+
+    pairs = precompile.activation_pairs(args.activation, args.recurrent_activation,
+                                        args.all_pairs)
+    print(f"Compiling the CPU kernels of {len(pairs)} activation pair(s)")
+    cache_path = precompile.compile_kernels(pairs, training=not args.inference)
+    print(f"Cached in {cache_path}")
+    return 0
 
 
 def _run_demo(args):
@@ -216,4 +251,4 @@ def _draw_layout(path, shapes, timesteps):
     print(f"\nWrote {path}")
 
 
-SUBCOMMANDS = (_add_check, _add_demo, _add_explain)
+SUBCOMMANDS = (_add_check, _add_compile, _add_demo, _add_explain)

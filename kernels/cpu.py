@@ -35,7 +35,8 @@ from .gates import compile_gates
 from .threads import run_blocks
 from .tile import LANES, make_tile
 
-_gates = compile_gates(njit(inline="always", error_model="numpy", cache=True))
+_gates = compile_gates(njit(inline="always", error_model="numpy", cache=True),
+                       leaf_jit=njit(error_model="numpy", cache=True))
 _cell_forward = _gates.cell_forward
 _cell_backward = _gates.cell_backward
 
@@ -376,6 +377,30 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
                                           kernel.stats.cache_path):
         run_blocks(kernel, arguments, N, T * 8 * H * H)
     return d_xw, d_h0, d_c0
+
+
+def warm_up(activation, recurrent_activation, training=True):
+    """Compiles the kernels of one activation pair, or loads them from Numba's disk cache.
+
+    Args:
+        activation, recurrent_activation: codes from `gates.ACTIVATION_CODES`.
+        training: the backward kernel too, not only the forward one.
+
+    Returns:
+        `(compiled, cache_path)`: whether any kernel was compiled rather than
+        loaded, and where Numba caches them.
+    """
+    xw = np.zeros((1, 1, 4), np.float32)
+    recurrent_kernel = np.zeros((1, 4), np.float32)
+    state = np.zeros((1, 1), np.float32)
+    outputs, h_n, c_n, saved = forward(xw, recurrent_kernel, state, state, None, None,
+                                       activation, recurrent_activation, False, training)
+    if training:
+        backward(recurrent_kernel, None, None, activation, recurrent_activation, False, saved,
+                 outputs, h_n, c_n)
+    kernels = block_kernels(int(activation), int(recurrent_activation))[:2 if training else 1]
+    compiled = any(sum(kernel.stats.cache_misses.values()) for kernel in kernels)
+    return compiled, kernels[0].stats.cache_path
 
 
 def gradients(x, recurrent_kernel, mask, input_mask, recurrent_mask, activation,

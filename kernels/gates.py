@@ -144,10 +144,11 @@ def cell_backward(i, f, g, o, c_prev, c, dh, dc, act, ract):
     return dzi, dzf, dzc, dzo, dc * f
 
 
-_GATE_FUNCTIONS = ("fast_tanh", "activate", "activation_grad", "cell_forward", "cell_backward")
+_LEAF_FUNCTIONS = ("fast_tanh", "activate", "activation_grad")
+_GATE_FUNCTIONS = _LEAF_FUNCTIONS + ("cell_forward", "cell_backward")
 
 
-def compile_gates(jit):
+def compile_gates(jit, leaf_jit=None):
     """Compiles the gate functions for one target.
 
     Each function is rebuilt over a namespace in which the functions it calls
@@ -156,6 +157,10 @@ def compile_gates(jit):
 
     Args:
         jit: a decorator such as `numba.njit(inline="always")`.
+        leaf_jit: the decorator of the activation functions, if not `jit`. On
+            the CPU, Numba inlining them (`inline="always"`) at every call site
+            costs seconds of compile time; compiled once and inlined by LLVM
+            where the activation code is a constant, they fold to one branch.
 
     Returns:
         A namespace with one compiled function per name in `_GATE_FUNCTIONS`.
@@ -163,5 +168,6 @@ def compile_gates(jit):
     namespace = dict(globals())
     for name in _GATE_FUNCTIONS:
         source = globals()[name]
-        namespace[name] = jit(types.FunctionType(source.__code__, namespace, name))
+        decorator = leaf_jit if leaf_jit is not None and name in _LEAF_FUNCTIONS else jit
+        namespace[name] = decorator(types.FunctionType(source.__code__, namespace, name))
     return types.SimpleNamespace(**{name: namespace[name] for name in _GATE_FUNCTIONS})

@@ -370,3 +370,23 @@ def test_device_gpu_without_gpu_is_one_line(capsys):
     assert out == ""
     assert err.strip() == (f"fusedlstm: error: --device gpu: no GPU is visible to the "
                            f"{keras.backend.backend()} backend on this machine")
+
+
+def test_compile_fills_the_cache_then_loads_from_it(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "fusedlstm", "compile", "--inference", "--activation", "relu",
+               "--recurrent-activation", "hard_sigmoid"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:]
+    assert "relu / hard_sigmoid: forward kernel compiled in" in first.stdout
+    assert "relu / hard_sigmoid: forward kernel loaded from the cache in" in second.stdout
+    assert f"Cached in {tmp_path}" in second.stdout
+
+
+def test_compile_rejects_an_unknown_activation():
+    result = subprocess.run([sys.executable, "-m", "fusedlstm", "compile", "--activation", "gelu"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("python -m fusedlstm compile: error:")
+    assert "invalid choice: 'gelu'" in result.stderr
