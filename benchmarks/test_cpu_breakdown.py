@@ -75,59 +75,53 @@ def test_gradients(benchmark, problem):
 
 def test_cell_math(benchmark, problem):
     shape, p = problem
-    zi, zf, zc, zo = (np.ascontiguousarray(a) for a in np.split(p.xw, 4, axis=-1))
-    h = np.empty_like(zi)
-    forward, _ = cell_math_loops()
+    N, T, H = p.outputs.shape
+    width = -(-H // 32) * 32
+    z = np.zeros((N, 4 * width), np.float32)
+    out, h, gates = np.empty_like(p.outputs), np.empty((N, H), np.float32), np.empty((N, 0, 4 * H), np.float32)
+    forward, _ = cell_math_loops(*p.codes)
     part(benchmark, shape, "fwd", "cell_math",
-         lambda: forward(zi, zf, zc, zo, p.zeros.copy(), h, *p.codes))
+         lambda: forward(p.xw, z, p.zeros.copy(), h, out, gates))
 
 
 def test_cell_math_backward(benchmark, problem):
     shape, p = problem
-    H = p.recurrent_kernel.shape[0]
     _, c_seq, gates = p.saved
-    i, f, g, o = (np.ascontiguousarray(gates[..., k * H:(k + 1) * H]) for k in range(4))
-    d_z = np.empty_like(gates)
-    _, backward = cell_math_loops()
+    d_xw = np.empty_like(gates)
+    carried, dh = np.zeros_like(p.zeros), np.zeros_like(p.zeros)
+    _, backward = cell_math_loops(*p.codes)
     part(benchmark, shape, "train", "cell_math_backward",
-         lambda: backward(i, f, g, o, c_seq, p.d_outputs, p.zeros.copy(), d_z, *p.codes))
+         lambda: backward(gates, c_seq, p.d_outputs, carried, dh, p.zeros.copy(), d_xw))
 
 
 @functools.cache
-def cell_math_loops():
-    """`(forward, backward)`: njit loops applying the gate functions over every step.
+def cell_math_loops(activation, recurrent_activation):
+    """`(forward, backward)`: the kernels' own cell-math row functions over every row and
+    step, specialized on the activation pair as the kernels are, without the GEMMs.
 
     Built on first use, so that collecting this file imports no framework.
     """
-    from fusedlstm.kernels.gates import compile_gates
+    from fusedlstm.kernels import cpu
 
-    gates = compile_gates(numba.njit(inline="always", error_model="numpy"))
-    cell_forward, cell_backward = gates.cell_forward, gates.cell_backward
+    cell_forward, cell_backward = cpu._cell_row_forward, cpu._cell_row_backward
 
     @numba.njit(error_model="numpy")
-    def forward(zi, zf, zc, zo, c, h, activation, recurrent_activation):
-        """Forward gate math on [T, N, H] pre-activations; `c` [N, H] carries over
-        steps, `h` [T, N, H] is written."""
-        T, N, H = zi.shape
+    def forward(xw, z, c, h, outputs, gates):
+        """Forward cell math of all [N, T] rows and steps, pre-activations `xw` (+ z = 0)."""
+        N, T, _ = xw.shape
+        width = z.shape[1] // 4
         for t in range(T):
             for n in range(N):
-                for k in range(H):
-                    _, _, _, _, c[n, k], h[t, n, k] = cell_forward(
-                        zi[t, n, k], zf[t, n, k], zc[t, n, k], zo[t, n, k], c[n, k],
-                        activation, recurrent_activation)
+                cell_forward(xw, n, t, z, n, width, c, h, outputs, gates, activation,
+                             recurrent_activation)
 
     @numba.njit(error_model="numpy")
-    def backward(i, f, g, o, c_seq, d_h, dc, d_z, activation, recurrent_activation):
-        """Backward gate math in reverse time on [T, N, H] saved gates and [T+1, N, H]
-        carries; `dc` [N, H] carries over steps, `d_z` [T, N, 4H] is written."""
-        T, N, H = i.shape
+    def backward(gates, c_seq, d_outputs, carried, dh, dc, d_xw):
+        """Backward cell math of all [N, T] rows and steps, in reverse time."""
+        N, T, _ = d_outputs.shape
         for t in range(T - 1, -1, -1):
             for n in range(N):
-                for k in range(H):
-                    (d_z[t, n, k], d_z[t, n, H + k], d_z[t, n, 2 * H + k],
-                     d_z[t, n, 3 * H + k], dc[n, k]) = cell_backward(
-                        i[t, n, k], f[t, n, k], g[t, n, k], o[t, n, k], c_seq[t, n, k],
-                        c_seq[t + 1, n, k], d_h[t, n, k], dc[n, k], activation,
-                        recurrent_activation)
+                cell_backward(n, t, n, gates, c_seq, d_outputs, carried, dh, dc, d_xw,
+                              activation, recurrent_activation)
 
     return forward, backward
