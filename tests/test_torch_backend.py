@@ -100,13 +100,13 @@ def test_symbolic_call_runs_no_kernel(monkeypatch):
     outputs = layer(keras.Input((None, 2)))
     assert [tuple(o.shape) for o in outputs] == [(None, None, 3), (None, 3), (None, 3)]
 
-    steps, batch, features, units = 7, 2, 5, 3
-    shapes = [(steps, batch, features), (features, 4 * units), (4 * units,),
+    batch, steps, features, units = 2, 7, 5, 3
+    shapes = [(batch, steps, features), (features, 4 * units), (4 * units,),
               (units, 4 * units), (batch, units), (batch, units)]
     tensors = [torch.empty(s, device="meta") for s in shapes]
     config = fused_ops.RecurrenceConfig(0, 1, False, True)
     results = ops_torch.lstm_sequence(*tensors, None, None, None, config)
-    assert [tuple(r.shape) for r in results] == [(steps, batch, units), (batch, units),
+    assert [tuple(r.shape) for r in results] == [(batch, steps, units), (batch, units),
                                                 (batch, units)]
     assert all(r.is_meta for r in results)
 
