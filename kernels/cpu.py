@@ -107,6 +107,19 @@ def pack_backward(recurrent_kernel):
     return packed
 
 
+@njit(error_model="numpy", cache=True)
+def _copy(dst, src):
+    """dst[:] = src for [R, H] arrays of the same shape.
+
+    A loop, not a slice assignment: Numba compiles the shape-mismatch error of
+    every slice assignment, string formatting included, which took seconds of
+    each kernel's first compile.
+    """
+    for n in range(src.shape[0]):
+        for k in range(src.shape[1]):
+            dst[n, k] = src[n, k]
+
+
 @njit(inline="always", error_model="numpy", cache=True)
 def _cell_row_forward(xw, row, t, z, n, width, c, h, outputs, gates, activation,
                       recurrent_activation):
@@ -182,15 +195,16 @@ def forward_steps(r0, r1, xw, packed, h0, c0, mask, recurrent_mask, activation,
     flat_packed = packed.reshape(-1)
     z = np.empty((rows, 4 * width), np.float32)
     h = np.empty((2, rows, H), np.float32)
-    h[0] = h0[r0:r1]
-    c = c0[r0:r1].copy()
+    _copy(h[0], h0[r0:r1])
+    c = np.empty((rows, H), np.float32)
+    _copy(c, c0[r0:r1])
     dropped = np.empty((4 * rows if dropout else rows, H), np.float32)
     for t in range(T):
         src = h[t % 2]
         dst = h[(t + 1) % 2]
         if training:
-            h_in[r0:r1, t] = src
-            c_seq[r0:r1, t] = c
+            _copy(h_in[r0:r1, t], src)
+            _copy(c_seq[r0:r1, t], c)
         if dropout:
             for g in range(4):
                 np.multiply(src, recurrent_mask[g, r0:r1], dropped[g * rows:(g + 1) * rows])
@@ -203,10 +217,10 @@ def forward_steps(r0, r1, xw, packed, h0, c0, mask, recurrent_mask, activation,
             else:
                 _cell_row_forward(xw, row, t, z, n, width, c, dst, outputs, gates, activation,
                                   recurrent_activation)
-    h_n[r0:r1] = h[T % 2]
-    c_n[r0:r1] = c
+    _copy(h_n[r0:r1], h[T % 2])
+    _copy(c_n[r0:r1], c)
     if training:
-        c_seq[r0:r1, T] = c
+        _copy(c_seq[r0:r1, T], c)
 
 
 @njit(inline="always", error_model="numpy", cache=True)
@@ -274,8 +288,10 @@ def backward_steps(r0, r1, packed_t, mask, recurrent_mask, activation, recurrent
     width = panels * PANEL
     masked_steps = mask.shape[1] > 0
     dropout = recurrent_mask.shape[0] > 0
-    dh = d_h_n[r0:r1].copy()
-    dc = d_c_n[r0:r1].copy()
+    dh = np.empty((rows, H), np.float32)
+    dc = np.empty((rows, H), np.float32)
+    _copy(dh, d_h_n[r0:r1])
+    _copy(dc, d_c_n[r0:r1])
     carried = np.zeros((rows, H), np.float32)
     groups = 4 if dropout else 1
     products = np.empty((groups * rows, width), np.float32)
@@ -295,8 +311,8 @@ def backward_steps(r0, r1, packed_t, mask, recurrent_mask, activation, recurrent
         for n in range(rows):
             if not masked_steps or mask[r0 + n, t]:
                 _recurrent_grad_row(n, r0 + n, products, rows, recurrent_mask, dh)
-    d_h0[r0:r1] = dh
-    d_c0[r0:r1] = dc
+    _copy(d_h0[r0:r1], dh)
+    _copy(d_c0[r0:r1], dc)
 
 
 
