@@ -1,0 +1,196 @@
+"""JAX glue: the fused LSTM sequence as XLA custom calls in a `jax.custom_vjp`.
+
+The projection and the inputs' gradient run as JAX ops. The recurrence, its
+backward pass and the weight gradients run in two CPU custom calls
+(`jax.ffi.ffi_call`) whose handlers hand XLA's buffers to the kernels' NumPy
+host drivers, so the op runs inside `jax.jit`, `jax.grad`, `jax.vmap` (one
+call per batch element) and Keras's JAX trainer with XLA on. The forward call
+saves what the backward pass needs only when JAX differentiates it.
+
+On a JAX GPU device (`FUSEDLSTM_KERNEL=cuda`, see `fusedlstm.layer`), the
+same two calls run as `jax.pure_callback`s: their operands go through the
+host, and the CUDA kernels' host drivers copy them to the GPU and back.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusedlstm import projection
+from fusedlstm import xla_ffi
+from fusedlstm.kernels import cpu
+from fusedlstm.kernels.select import select_kernels
+
+_FORWARD_TARGET = "fusedlstm_lstm_forward"
+_GRADIENTS_TARGET = "fusedlstm_lstm_gradients"
+_BACKWARD_TARGET = "fusedlstm_lstm_backward"
+_F32 = jnp.float32
+
+
+def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
+                  recurrent_mask, config):
+    """See `fusedlstm.ops.lstm_sequence`."""
+    inputs = tuple(jnp.asarray(t, _F32) for t in (x, kernel, bias, recurrent_kernel, h0, c0))
+    batch = inputs[0].shape[1]
+    masks = (
+        jnp.zeros((0, batch), bool) if mask is None else jnp.asarray(mask, bool),
+        jnp.zeros((0, 0, 0), _F32) if input_mask is None else jnp.asarray(input_mask, _F32),
+        jnp.zeros((0, 0, 0), _F32) if recurrent_mask is None else jnp.asarray(recurrent_mask, _F32),
+    )
+    return _fused(config, inputs, masks)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(config, inputs, masks):
+    return tuple(_forward(config, inputs, masks, save=False))
+
+
+def _fused_fwd(config, inputs, masks):
+    results = _forward(config, inputs, masks, save=True)
+    return tuple(results[:3]), (inputs, masks, tuple(results[3:]))
+
+
+def _fused_bwd(config, residuals, d_results):
+    inputs, masks, saved = residuals
+    x, kernel, _, recurrent_kernel, _, _ = inputs
+    if _kernels() is cpu:
+        d_xw, *grads = _gradients(config, x, recurrent_kernel, masks, saved, d_results)
+    else:
+        d_xw, *grads = _backward_and_weight_grads(config, x, recurrent_kernel, masks, saved,
+                                                  d_results)
+    d_x = projection.input_grad(d_xw, kernel, _none_if_empty(masks[1]))
+    return (d_x, *grads), _zero_cotangents(masks)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _forward(config, inputs, masks, save):
+    """`[outputs, h_n, c_n]`, then `[h_seq, c_seq, gates]` when `save`."""
+    x, kernel, bias, recurrent_kernel, h0, c0 = inputs
+    mask, input_mask, recurrent_mask = masks
+    xw = projection.input_projection(x, kernel, bias, _none_if_empty(input_mask))
+    steps, batch, units = x.shape[0], x.shape[1], recurrent_kernel.shape[0]
+    shapes = [(steps, batch, units), (batch, units), (batch, units)]
+    if save:
+        shapes += [(steps + 1, batch, units), (steps + 1, batch, units),
+                   (steps, batch, 4 * units)]
+    return _call(_FORWARD_TARGET, shapes, (xw, recurrent_kernel, h0, c0, mask, recurrent_mask),
+                 dict(_codes(config), save=save))
+
+
+def _gradients(config, x, recurrent_kernel, masks, saved, d_results):
+    """`(d_xw, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0)`, as `cpu.gradients`."""
+    steps, batch, features = x.shape
+    units = recurrent_kernel.shape[0]
+    shapes = [(steps, batch, 4 * units), (features, 4 * units), (4 * units,),
+              (units, 4 * units), (batch, units), (batch, units)]
+    return _call(_GRADIENTS_TARGET, shapes, (x, recurrent_kernel, *masks, *saved, *d_results),
+                 _codes(config))
+
+
+def _backward_and_weight_grads(config, x, recurrent_kernel, masks, saved, d_results):
+    """As `_gradients`, with the CUDA kernels: weight gradients as JAX matmuls."""
+    mask, input_mask, recurrent_mask = masks
+    h_seq, c_seq, gates = saved
+    d_xw, d_h0, d_c0 = _call(_BACKWARD_TARGET, [gates.shape, d_results[1].shape,
+                                                 d_results[2].shape],
+                             (recurrent_kernel, mask, recurrent_mask, c_seq, gates, *d_results),
+                             _codes(config))
+    return (d_xw, projection.gate_weight_grad(x, d_xw, _none_if_empty(input_mask)),
+            jnp.sum(d_xw, (0, 1)),
+            projection.gate_weight_grad(h_seq[:-1], d_xw, _none_if_empty(recurrent_mask)),
+            d_h0, d_c0)
+
+
+def _call(target, shapes, args, attrs):
+    """Runs a handler on `args`: an XLA custom call on the CPU, else a host callback."""
+    result_shapes = [jax.ShapeDtypeStruct(s, _F32) for s in shapes]
+    if _on_cpu(args[0]):
+        _register_targets()
+        attrs = {name: np.int32(value) for name, value in attrs.items()}
+        return jax.ffi.ffi_call(target, result_shapes, vmap_method="sequential")(*args, **attrs)
+    handler = _HANDLERS[target]
+
+    def on_host(*arrays):
+        results = [np.empty(s.shape, np.float32) for s in result_shapes]
+        handler([np.asarray(a) for a in arrays], results, attrs)
+        return results
+
+    return jax.pure_callback(on_host, result_shapes, *args, vmap_method="sequential")
+
+
+def _on_cpu(array):
+    """Whether `array` lives, or in a trace will live, on a CPU device."""
+    devices = getattr(array, "devices", None)
+    if devices is not None and not isinstance(array, jax.core.Tracer):
+        return all(d.platform == "cpu" for d in devices())
+    return jax.default_backend() == "cpu"
+
+
+def _forward_handler(args, results, attrs):
+    xw, recurrent_kernel, h0, c0, mask, recurrent_mask = args
+    save = bool(attrs["save"])
+    outputs, h_n, c_n, saved = _kernels().forward(
+        xw, recurrent_kernel, h0, c0, _none_if_empty(mask), _none_if_empty(recurrent_mask),
+        attrs["activation"], attrs["recurrent_activation"],
+        bool(attrs["zero_output_for_mask"]), save)
+    _write(results, (outputs, h_n, c_n, *(saved if save else ())))
+
+
+def _gradients_handler(args, results, attrs):
+    (x, recurrent_kernel, mask, input_mask, recurrent_mask, h_seq, c_seq, gates,
+     *d_results) = args
+    mask, input_mask, recurrent_mask = (
+        _none_if_empty(m) for m in (mask, input_mask, recurrent_mask))
+    codes = (attrs["activation"], attrs["recurrent_activation"],
+             bool(attrs["zero_output_for_mask"]))
+    _write(results, cpu.gradients(x, recurrent_kernel, mask, input_mask, recurrent_mask,
+                                  *codes, (h_seq, c_seq, gates), *d_results))
+
+
+def _backward_handler(args, results, attrs):
+    recurrent_kernel, mask, recurrent_mask, c_seq, gates, *d_results = args
+    _write(results, _kernels().backward(
+        recurrent_kernel, _none_if_empty(mask), _none_if_empty(recurrent_mask),
+        attrs["activation"], attrs["recurrent_activation"], bool(attrs["zero_output_for_mask"]),
+        (None, c_seq, gates), *d_results))
+
+
+_HANDLERS = {_FORWARD_TARGET: _forward_handler, _GRADIENTS_TARGET: _gradients_handler,
+             _BACKWARD_TARGET: _backward_handler}
+
+
+def _register_targets():
+    for target, handler in _HANDLERS.items():
+        xla_ffi.register_cpu_target(target, handler)
+
+
+def _kernels():
+    """The CPU kernels, or the CUDA ones on host data when `FUSEDLSTM_KERNEL=cuda`."""
+    return select_kernels(data_on_gpu=False)
+
+
+def _write(results, arrays):
+    """Copies the host drivers' NumPy results into XLA's result buffers."""
+    for result, array in zip(results, arrays, strict=True):
+        np.copyto(result, array)
+
+
+def _codes(config):
+    return {"activation": config.activation,
+            "recurrent_activation": config.recurrent_activation,
+            "zero_output_for_mask": config.zero_output_for_mask}
+
+
+def _zero_cotangents(masks):
+    mask, input_mask, recurrent_mask = masks
+    return (np.zeros(mask.shape, jax.dtypes.float0), jnp.zeros_like(input_mask),
+            jnp.zeros_like(recurrent_mask))
+
+
+def _none_if_empty(array):
+    """None for the empty placeholders that stand for "no mask"."""
+    return None if array.shape[0] == 0 else array
