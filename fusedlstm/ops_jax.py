@@ -31,7 +31,12 @@ _F32 = jnp.float32
 
 def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
                   recurrent_mask, config):
-    """See `fusedlstm.ops.lstm_sequence`."""
+    """See `fusedlstm.ops.lstm_sequence`.
+
+    As Keras's JAX backend does, masked steps before a row's first unmasked
+    step output the initial state `h0` (the other backends output zeros)
+    unless `config.zero_output_for_mask`.
+    """
     inputs = tuple(jnp.asarray(t, _F32) for t in (x, kernel, bias, recurrent_kernel, h0, c0))
     batch = inputs[0].shape[1]
     masks = (
@@ -39,7 +44,11 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
         jnp.zeros((0, 0, 0), _F32) if input_mask is None else jnp.asarray(input_mask, _F32),
         jnp.zeros((0, 0, 0), _F32) if recurrent_mask is None else jnp.asarray(recurrent_mask, _F32),
     )
-    return _fused(config, inputs, masks)
+    outputs, h_n, c_n = _fused(config, inputs, masks)
+    if mask is not None and not config.zero_output_for_mask:
+        started = jnp.cumsum(masks[0], axis=0) > 0
+        outputs = jnp.where(started[..., None], outputs, inputs[4])
+    return outputs, h_n, c_n
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
