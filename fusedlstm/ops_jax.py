@@ -16,7 +16,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import keras
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from fusedlstm import projection
 from fusedlstm import xla_ffi
@@ -44,11 +46,34 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
         jnp.zeros((0, 0, 0), _F32) if input_mask is None else jnp.asarray(input_mask, _F32),
         jnp.zeros((0, 0, 0), _F32) if recurrent_mask is None else jnp.asarray(recurrent_mask, _F32),
     )
-    outputs, h_n, c_n = _fused(config, inputs, masks)
+    outputs, h_n, c_n = _split_over_batch_devices(functools.partial(_fused, config), batch)(
+        inputs, masks)
     if mask is not None and not config.zero_output_for_mask:
         started = jnp.cumsum(masks[0], axis=0) > 0
         outputs = jnp.where(started[..., None], outputs, inputs[4])
     return outputs, h_n, c_n
+
+
+def _split_over_batch_devices(fused, batch):
+    """`fused`, run on each device's rows under Keras's `DataParallel` distribution.
+
+    XLA cannot partition a custom call: without this, each device would
+    gather the whole batch and run the recurrence on all of it. The weights'
+    gradients are summed over the devices by `shard_map`. A batch that does
+    not split evenly runs whole.
+    """
+    distribution = keras.distribution.distribution()
+    if not isinstance(distribution, keras.distribution.DataParallel):
+        return fused
+    mesh = distribution.device_mesh.backend_mesh
+    axis = distribution.batch_dim_name
+    if batch % mesh.shape[axis]:
+        return fused
+    rows = P(None, axis)
+    in_specs = ((rows, P(), P(), P(), P(axis), P(axis)), (rows, rows, rows))
+    out_specs = (rows, P(axis), P(axis))
+    return jax.shard_map(fused, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

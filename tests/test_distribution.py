@@ -6,7 +6,7 @@ suite only, the pass of its framework's backend:
 
 - JAX: Keras's `DataParallel` over two host devices
   (`--xla_force_host_platform_device_count=2`) trains the fused layer to the
-  stock layer's loss curve.
+  stock layer's loss curve, each device running the kernels on its own rows.
 - TensorFlow: `tf.distribute.MultiWorkerMirroredStrategy` with two worker
   processes on 127.0.0.1 trains to the curve of one process without a
   strategy. Every wait is bounded, so a worker that cannot reach its peer
@@ -50,6 +50,11 @@ def new_model(layer_class):
 
 DATA_PARALLEL = COMMON + """
 import jax
+from fusedlstm.kernels import cpu
+
+kernel_rows = []
+forward = cpu.forward
+cpu.forward = lambda xw, *a, **k: kernel_rows.append(xw.shape[1]) or forward(xw, *a, **k)
 
 
 def fit(layer_class):
@@ -64,7 +69,7 @@ keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devi
 stock = fit(keras.layers.LSTM)
 fused = fit(fusedlstm.LSTM)
 print(json.dumps({"devices": len(devices), "stock": stock, "fused": fused,
-                  "fused_calls": len(calls)}))
+                  "fused_calls": len(calls), "kernel_rows": sorted(set(kernel_rows))}))
 """
 
 # A custom loop: Keras 3's `fit` fails under MultiWorkerMirroredStrategy
@@ -155,6 +160,7 @@ def test_jax_data_parallel_on_two_host_devices_matches_stock():
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
     assert result["devices"] == 2
     assert result["fused_calls"] > 0
+    assert result["kernel_rows"] == [4], "each device runs the kernel on its half of a batch of 8"
     np.testing.assert_allclose(result["fused"], result["stock"], rtol=1e-4)
     assert result["fused"][-1] < result["fused"][0]
 
