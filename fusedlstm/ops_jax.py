@@ -1,15 +1,18 @@
 """JAX glue: the fused LSTM sequence as XLA custom calls in a `jax.custom_vjp`.
 
-The projection and the inputs' gradient run as JAX ops. The recurrence, its
-backward pass and the weight gradients run in two CPU custom calls
-(`jax.ffi.ffi_call`) whose handlers hand XLA's buffers to the kernels' NumPy
-host drivers, so the op runs inside `jax.jit`, `jax.grad`, `jax.vmap` (one
-call per batch element) and Keras's JAX trainer with XLA on. The forward call
-saves what the backward pass needs only when JAX differentiates it.
+The projection and the inputs' gradient run as JAX ops. The recurrence runs
+in one CPU custom call (`jax.ffi.ffi_call`), its backward pass and the weight
+gradients in another; their handlers (`fusedlstm.xla_ffi`) hand XLA's buffers
+to the kernels' NumPy host drivers. So the op runs inside `jax.jit`,
+`jax.grad`, `jax.vmap` (one call per batch element) and Keras's JAX trainer
+with XLA on. The forward call saves what the backward pass needs exactly when
+JAX differentiates it (`config.training` is not needed here). Under Keras's
+`DataParallel` distribution, each device runs the calls on its own rows.
 
 On a JAX GPU device (`FUSEDLSTM_KERNEL=cuda`, see `fusedlstm.layer`), the
-same two calls run as `jax.pure_callback`s: their operands go through the
-host, and the CUDA kernels' host drivers copy them to the GPU and back.
+calls run as `jax.pure_callback`s: their operands go through the host, the
+CUDA kernels' host drivers copy them to the GPU and back, and the weight
+gradients run as JAX matmuls.
 """
 
 import functools
