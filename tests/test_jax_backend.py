@@ -210,3 +210,13 @@ def test_masked_rows_output_the_initial_state_as_keras_jax_does():
     (fused_out,), _ = run_with_grads(fused, x, mask, states)
     np.testing.assert_allclose(fused_out[2], np.broadcast_to(states[0][2], (5, 4)), atol=0)
     np.testing.assert_allclose(fused_out, stock_out, atol=OUTPUT_ATOL)
+
+
+def test_a_failing_handler_raises_its_python_error():
+    args = op_arguments(np.random.default_rng(7), masked=False)
+    ops_jax._register_targets()
+    shapes = [jax.ShapeDtypeStruct((6, 4, 5), jnp.float32)]
+    call = jax.ffi.ffi_call(ops_jax._FORWARD_TARGET, shapes, vmap_method="sequential")
+    with pytest.raises(Exception, match="KeyError: 'activation'"):
+        jax.block_until_ready(call(*args[:4], jnp.zeros((0, 4), bool),
+                                   jnp.zeros((0, 0, 0), jnp.float32), save=np.int32(0)))
