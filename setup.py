@@ -15,6 +15,7 @@ setup(
         "tensorflow-cpu": ["tensorflow-cpu>=2.16"],
         "torch": ["torch>=2.2"],
         "torch-cpu": ["torch==2.13.0"],
+        "jax": ["jax>=0.10"],
         "cuda": ["numba-cuda[cu13]>=0.30"],
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "h5py"],
         "cli": ["matplotlib", "statsmodels"],

@@ -70,10 +70,6 @@ class KernelProblem:
         return self.cpu.backward(self.recurrent_kernel, None, None, *self.codes, False,
                                  self.saved, self.d_outputs, self.zeros, self.zeros)
 
-    def gradients(self):
-        return self.cpu.gradients(self.x, self.recurrent_kernel, None, None, None, *self.codes,
-                                  False, self.saved, self.d_outputs, self.zeros, self.zeros)
-
 
 def make_keras(layer_class, shape, mode, case):
     """A Keras layer (stock or fused) called inside `tf.function`."""

@@ -3,10 +3,10 @@ of it timed alone, in one process (`--framework fusedlstm`, TensorFlow).
 
 Parts: the input projection (a TF matmul), the forward recurrence
 (`fusedlstm.kernels.cpu.forward`, without and with saving for training), the
-cell math alone (a loop over [T, N, H] arrays applying the gate functions, one
-thread), the backward recurrence (`backward`) and the backward with the weight
-gradients (`gradients`). `kernel_report.py` subtracts: weight
-gradients = gradients - backward; framework glue = the layer - its parts. (The
+cell math alone (the kernels' own row functions over every row and step, one
+thread), the backward recurrence (`backward`) and the weight gradients (the TF
+matmuls of `fusedlstm.projection.gate_weight_grad`). `kernel_report.py`
+subtracts: framework glue = the layer - its parts. (The
 inputs' gradient is not part of the training step timed: its inputs are
 constants, and TensorFlow prunes what no fetched result needs.)
 """
@@ -68,9 +68,21 @@ def test_backward_recurrence(benchmark, problem):
     part(benchmark, shape, "train", "backward", p.backward)
 
 
-def test_gradients(benchmark, problem):
+def test_weight_gradients(benchmark, problem):
+    import tensorflow as tf
+
+    from fusedlstm import projection
+
     shape, p = problem
-    part(benchmark, shape, "train", "gradients", p.gradients)
+    d_xw = p.backward()[0]
+    x, h_in, d_xw = (tf.constant(a) for a in (p.x, p.saved[0], d_xw))
+
+    @tf.function
+    def weight_grads():
+        return (projection.gate_weight_grad(x, d_xw, None),
+                projection.gate_weight_grad(h_in, d_xw, None), tf.reduce_sum(d_xw, [0, 1]))
+
+    part(benchmark, shape, "train", "weight_grads", lambda: [g.numpy() for g in weight_grads()])
 
 
 def test_cell_math(benchmark, problem):

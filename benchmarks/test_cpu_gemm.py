@@ -5,11 +5,12 @@ and on all of them:
 
 - `forward`: T per-step products [N, H] @ [H, 4H];
 - `backward_dh`: T per-step products [N, 4H] @ [4H, H];
-- `weight_grads`: [C, T*N] @ [T*N, 4H] and [H, T*N] @ [T*N, 4H].
+- `weight_grads`: [C, T*N] @ [T*N, 4H] and [H, T*N] @ [T*N, 4H] (the framework's,
+  not the kernels': timed for reference).
 
 NumPy and SciPy (`blas.sgemm`) run with `--framework fusedlstm`, which also
 times the kernels (`forward` without saving; `forward` with saving plus
-`gradients`); `torch.mm` runs with `--framework torch`, in its own process.
+`backward`); `torch.mm` runs with `--framework torch`, in its own process.
 `kernel_report.py` turns the medians into GFLOP/s and the kernel's time over
 the fastest library's.
 """
@@ -138,7 +139,7 @@ def test_kernel(benchmark, framework, shape, mode, threads):
     if mode == "train":
         def run():
             p.forward(training=True)
-            p.gradients()
+            p.backward()
     else:
         def run():
             p.forward(training=False)

@@ -1,5 +1,6 @@
 """`fusedlstm.LSTM`: `keras.layers.LSTM` with its recurrence in one fused kernel."""
 
+import os
 import warnings
 
 import keras
@@ -8,6 +9,7 @@ from keras import ops
 
 from fusedlstm import ops as fused_ops
 from fusedlstm.kernels.gates import ACTIVATION_CODES
+from fusedlstm.kernels.select import KERNEL_ENV
 
 _USE_FUSED_VALUES = ("auto", True, False)
 
@@ -31,7 +33,10 @@ class LSTM(keras.layers.LSTM):
        `"sigmoid"`, `"hard_sigmoid"`, `"relu"`, `"linear"` and
        `"softsign"` (given by name or as the `keras.activations` function).
     3. `unroll` is `False`.
-    4. The Keras backend is TensorFlow or PyTorch.
+    4. The Keras backend is TensorFlow, PyTorch or JAX.
+    5. On JAX, the default device is a CPU, or `FUSEDLSTM_KERNEL=cuda` asks
+       for the CUDA kernels (their operands then go through the host). On a
+       JAX GPU the stock layer runs cuDNN otherwise.
 
     Everything else runs fused: `use_bias=False`, `unit_forget_bias`,
     `return_sequences`, `return_state`, `go_backwards`, `stateful`,
@@ -43,8 +48,10 @@ class LSTM(keras.layers.LSTM):
     warns once and runs the stock loop; `use_fused=True` raises a
     `ValueError` naming the reason.
 
-    The kernel is a Python callback, so the layer sets `supports_jit = False`
-    and Keras runs the model without XLA.
+    On TensorFlow and PyTorch the kernel is a Python callback, so the layer
+    sets `supports_jit = False` and Keras runs the model without XLA. On JAX
+    the kernel is an XLA custom call: the layer compiles with the rest of the
+    model under `jax.jit` (Keras's default there).
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -148,7 +155,8 @@ class LSTM(keras.layers.LSTM):
                 f"use_fused=True, but layer '{self.name}' cannot run fused: {reason}. "
                 "Pass use_fused='auto' to fall back to the stock loop."
             )
-        if self._fused_enabled():
+        if self._fused_enabled() and (
+                keras.backend.backend() not in fused_ops.JIT_COMPATIBLE_BACKENDS):
             self.supports_jit = False
 
     def fused_unsupported_reason(self):
@@ -164,6 +172,11 @@ class LSTM(keras.layers.LSTM):
         name = keras.backend.backend()
         if name not in fused_ops.SUPPORTED_BACKENDS:
             return f"the Keras backend {name!r} has no fused op yet"
+        if name == "jax" and _jax_on_accelerator() and os.environ.get(KERNEL_ENV) != "cuda":
+            return (
+                "on a JAX GPU the stock layer runs cuDNN; set "
+                f"{KERNEL_ENV}=cuda to run the fused CUDA kernels (through the host)"
+            )
         return None
 
     def _fused_enabled(self):
@@ -297,6 +310,12 @@ def _activation_code(fn):
     except (ValueError, TypeError):
         return None
     return ACTIVATION_CODES.get(name) if isinstance(name, str) else None
+
+
+def _jax_on_accelerator():
+    import jax
+
+    return jax.default_backend() != "cpu"
 
 
 def _shape_matches(shape, expected):

@@ -1,6 +1,6 @@
 """The fused LSTM sequence op, dispatched to one module per Keras backend.
 
-Each backend module (`ops_tensorflow`, `ops_torch`) exposes
+Each backend module (`ops_tensorflow`, `ops_torch`, `ops_jax`) exposes
 `lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
 recurrent_mask, config)` returning `(outputs, h_n, c_n)`, differentiable with
 respect to the inputs, the three weights and both initial states. The framework
@@ -14,7 +14,9 @@ import dataclasses
 
 from keras import backend
 
-SUPPORTED_BACKENDS = ("tensorflow", "torch")
+SUPPORTED_BACKENDS = ("tensorflow", "torch", "jax")
+# Backends whose op is an XLA custom call rather than a Python callback.
+JIT_COMPATIBLE_BACKENDS = ("jax",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,8 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
         from fusedlstm import ops_tensorflow as impl
     elif name == "torch":
         from fusedlstm import ops_torch as impl
+    elif name == "jax":
+        from fusedlstm import ops_jax as impl
     else:
         raise ValueError(
             f"The fused LSTM op supports the Keras backends {SUPPORTED_BACKENDS}. "

@@ -30,6 +30,8 @@ def outputs_and_grads(layer, x, mask=None, initial_state=None, training=False, s
         run = _outputs_and_grads_tensorflow
     elif backend == "torch":
         run = _outputs_and_grads_torch
+    elif backend == "jax":
+        run = _outputs_and_grads_jax
     else:
         raise CliError(f"no gradient check for the Keras backend {backend!r}")
     outputs, grads = run(layer, x, mask, initial_state, training, seed)
@@ -79,6 +81,30 @@ def _outputs_and_grads_torch(layer, x, mask, initial_state, training, seed):
     sources = [x] + states + [w.value for w in layer.trainable_weights]
     grads = torch.autograd.grad(_probe_loss(outputs, seed), sources, allow_unused=True)
     return [y.detach() for y in outputs], grads
+
+
+def _outputs_and_grads_jax(layer, x, mask, initial_state, training, seed):
+    import jax
+
+    if not layer.built:
+        layer.build(x.shape)
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def loss(sources):
+        x, states, weights = sources
+        outputs, updated = layer.stateless_call(
+            weights, non_trainable, x, mask=mask, initial_state=states or None,
+            training=training)
+        outputs = _as_list(outputs)
+        return _probe_loss(outputs, seed), (outputs, updated)
+
+    states = [] if initial_state is None else list(initial_state)
+    sources = (x, states, [v.value for v in layer.trainable_variables])
+    (d_x, d_states, d_weights), (outputs, updated) = jax.grad(loss, has_aux=True)(sources)
+    # Stateful states and the dropout seed advance as in an eager call.
+    for variable, value in zip(layer.non_trainable_variables, updated):
+        variable.assign(value)
+    return outputs, [d_x, *d_states, *d_weights]
 
 
 def _to_numpy(tensors):

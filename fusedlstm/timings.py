@@ -73,6 +73,9 @@ def _step_functions(layer, x):
 
         return forward, train_step
 
+    if keras.backend.backend() == "jax":
+        return _jax_step_functions(layer, x)
+
     import torch
 
     def forward():
@@ -84,6 +87,22 @@ def _step_functions(layer, x):
         return torch.autograd.grad(loss, [w.value for w in layer.trainable_weights])
 
     return forward, train_step
+
+
+def _jax_step_functions(layer, x):
+    """Jitted forward and gradient steps through `stateless_call`, as Keras's JAX trainer runs them."""
+    import jax
+
+    layer.build(x.shape)
+    weights = [w.value for w in layer.trainable_variables]
+    others = [w.value for w in layer.non_trainable_variables]
+
+    def call(weights, training):
+        return layer.stateless_call(weights, others, x, training=training)[0]
+
+    forward = jax.jit(lambda weights: call(weights, False))
+    train_step = jax.jit(jax.grad(lambda weights: keras.ops.sum(call(weights, True))))
+    return lambda: forward(weights), lambda: train_step(weights)
 
 
 def _median_seconds(fn, runs):

@@ -2,7 +2,7 @@
 
 The framework computes the input projection `xw = x @ kernel + bias` for all
 timesteps in one matmul and the weight gradients from what these kernels
-return; the kernels run only the sequential part. Arrays are batch-major, as
+return (`fusedlstm.projection`); the kernels run only the sequential part. Arrays are batch-major, as
 Keras holds them: N batch rows, T timesteps, H units, gates in the column
 order i, f, c, o.
 
@@ -417,44 +417,6 @@ def warm_up(activation, recurrent_activation, training=True):
     kernels = block_kernels(int(activation), int(recurrent_activation))[:2 if training else 1]
     compiled = any(sum(kernel.stats.cache_misses.values()) for kernel in kernels)
     return compiled, kernels[0].stats.cache_path
-
-
-def gradients(x, recurrent_kernel, mask, input_mask, recurrent_mask, activation,
-              recurrent_activation, zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n):
-    """The recurrence's gradients and the weight gradients, as float32 GEMMs in NumPy.
-
-    Args:
-        x: [N, T, C] inputs (before input dropout).
-        input_mask: [4, N, C] per-gate input dropout or None.
-        Others: as for `backward`.
-
-    Returns:
-        `(d_xw, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0)`; the
-        framework computes the inputs' gradient from `d_xw`.
-    """
-    d_xw, d_h0, d_c0 = backward(
-        recurrent_kernel, mask, recurrent_mask, activation, recurrent_activation,
-        zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n)
-    d_kernel = gate_weight_grad(_f32(x), d_xw, input_mask)
-    d_recurrent_kernel = gate_weight_grad(saved[0], d_xw, recurrent_mask)
-    d_bias = d_xw.sum((0, 1))
-    return d_xw, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0
-
-
-def gate_weight_grad(inputs, d_xw, masks):
-    """[K, 4H]: the sum over rows and steps of (inputs * masks[g]).T @ d_xw_g per gate g.
-
-    Args:
-        inputs: [N, T, K]; d_xw: [N, T, 4H]; masks: [4, N, K] or None.
-    """
-    K = inputs.shape[-1]
-    flat_d = d_xw.reshape(-1, d_xw.shape[-1])
-    if masks is None:
-        return inputs.reshape(-1, K).T @ flat_d
-    H = d_xw.shape[-1] // 4
-    blocks = [(inputs * masks[g][:, None, :]).reshape(-1, K).T @ flat_d[:, g * H:(g + 1) * H]
-              for g in range(4)]
-    return np.concatenate(blocks, axis=1)
 
 
 def aligned_empty(shape, alignment=64):

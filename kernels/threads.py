@@ -22,8 +22,9 @@ _pool_lock = threading.Lock()
 
 
 def thread_count():
-    """Threads the kernels may use: the usable cores, capped by `NUMBA_NUM_THREADS`."""
-    return max(1, min(len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS))
+    """Threads the kernels may use: the usable cores, capped by Numba's thread count
+    (`NUMBA_NUM_THREADS`, `numba.set_num_threads`)."""
+    return max(1, min(len(os.sched_getaffinity(0)), numba.get_num_threads()))
 
 
 def block_bounds(rows, flops_per_row, threads):

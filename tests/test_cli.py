@@ -136,7 +136,9 @@ def test_demo_trains_both_layers_and_draws_png(tmp_path):
     assert len(epochs) == 2
     for _, keras_loss, fused_loss, keras_s, fused_s in epochs:
         assert float(keras_loss) == pytest.approx(float(fused_loss), rel=1e-3)
-        assert float(keras_s) > 0 and float(fused_s) > 0
+        assert float(keras_s) >= 0 and float(fused_s) >= 0
+    # Epoch 1 includes tracing; a jitted epoch 2 can print 0.00 seconds.
+    assert float(epochs[0][3]) > 0 and float(epochs[0][4]) > 0
     for label in ("keras.layers.LSTM", "fusedlstm.LSTM", "last month (naive)"):
         assert any(line.strip().startswith(label) for line in out.splitlines()
                    if "RMSE" not in line)

@@ -136,13 +136,24 @@ def test_forward_and_gradients_match_reference(masked, dropped, zero_output, N, 
     d_seq = rng.normal(size=seq.shape)
     d_h, d_c = rng.normal(size=h.shape), rng.normal(size=c.shape)
     want = reference.lstm_backward(tape, d_seq, d_h, d_c, zero_output_for_mask=zero_output)
-    got = cpu.gradients(x, U, mask, imask, rmask, gates.TANH, gates.SIGMOID, zero_output, saved,
-                        d_seq.astype("float32"), d_h.astype("float32"), d_c.astype("float32"))
-    for name, g in zip(["kernel", "bias", "recurrent_kernel", "h0", "c0"], got[1:]):
+    d_xw, d_h0, d_c0 = cpu.backward(U, mask, rmask, gates.TANH, gates.SIGMOID, zero_output,
+                                    saved, d_seq.astype("float32"), d_h.astype("float32"),
+                                    d_c.astype("float32"))
+    got = {"h0": d_h0, "c0": d_c0, "bias": d_xw.sum((0, 1)),
+           "kernel": weight_grad(x, d_xw, imask), "recurrent_kernel": weight_grad(saved[0], d_xw, rmask),
+           "x": sum((d_xw[..., g * H:(g + 1) * H] @ W[:, g * H:(g + 1) * H].T)
+                    * (1 if imask is None else imask[g][:, None]) for g in range(4))}
+    for name, g in got.items():
         assert_close_to_float64(g, want[name], name)
-    d_x = sum((got[0][..., g * H:(g + 1) * H] @ W[:, g * H:(g + 1) * H].T)
-              * (1 if imask is None else imask[g][:, None]) for g in range(4))
-    assert_close_to_float64(d_x, want["x"], "x")
+
+
+def weight_grad(inputs, d_xw, masks):
+    """[K, 4H]: sum over rows and steps of (inputs * masks[g]).T @ d_xw_g, in float64."""
+    K, H = inputs.shape[-1], d_xw.shape[-1] // 4
+    blocks = [((inputs * (1 if masks is None else masks[g][:, None])).reshape(-1, K).T
+               .astype("float64") @ d_xw[..., g * H:(g + 1) * H].reshape(-1, H))
+              for g in range(4)]
+    return np.concatenate(blocks, axis=1)
 
 
 @pytest.mark.parametrize("dropped", [False, True])

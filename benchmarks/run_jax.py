@@ -1,0 +1,83 @@
+"""Runs the JAX benchmark once per layer, each in its own process, and writes
+the merged JSON and a Markdown table to `jax-<date>.json` / `.md`.
+
+    python benchmarks/run_jax.py [--out benchmarks/results] [-k EXPR]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FRAMEWORKS = ("fusedlstm", "keras")
+
+
+def run_framework(framework, out_dir, select):
+    path = os.path.join(out_dir, f"raw-jax-{framework}.json")
+    command = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_jax_lstm.py"),
+               f"--framework={framework}", f"--benchmark-json={path}", "-q", "-p", "no:randomly"]
+    if select:
+        command += ["-k", select]
+    subprocess.run(command, check=True, cwd=os.path.dirname(HERE),
+                   env={**os.environ, "KERAS_BACKEND": "jax"})
+    with open(path) as f:
+        return json.load(f)
+
+
+def cpu_model():
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else "unknown CPU"
+
+
+def medians_ms(runs):
+    """{(shape, mode, case): {framework: median ms}} from pytest-benchmark JSONs."""
+    table = {}
+    for run in runs:
+        for bench in run["benchmarks"]:
+            info = bench["extra_info"]
+            key = (info["shape"], info["mode"], info["case"])
+            table.setdefault(key, {})[info["framework"]] = bench["stats"]["median"] * 1e3
+    return table
+
+
+def markdown_table(table, machine):
+    lines = [f"Machine: {machine}. Keras JAX backend, both layers under `jax.jit`. "
+             "Median of 7 runs, ms; fused / stock below 1: fusedlstm is faster.", "",
+             "| shape | mode | case | fusedlstm | keras.layers.LSTM | fused / stock |",
+             "|---|---|---|---|---|---|"]
+    for (shape, mode, case), row in sorted(table.items()):
+        fused, stock = row.get("fusedlstm"), row.get("keras")
+        ratio = f"{fused / stock:.2f}x" if fused and stock else "-"
+        lines.append(f"| {shape} | {mode} | {case} | {fused:.2f} | {stock:.2f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("-k", dest="select", default=None, help="pytest -k expression")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    runs = [run_framework(name, args.out, args.select) for name in FRAMEWORKS]
+    info = runs[0]["machine_info"]
+    extra = runs[0]["benchmarks"][0]["extra_info"]
+    machine = (f"{cpu_model()}, {info['cores']} cores, Python {info['python']}, "
+               f"NumPy {info['numpy']}, Numba {info['numba']}, keras {extra['keras']}, "
+               f"jax {extra['jax']}")
+    table = medians_ms(runs)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    with open(os.path.join(args.out, f"jax-{stamp}.json"), "w") as f:
+        json.dump({"machine": machine, "medians_ms": {"/".join(k): v for k, v in table.items()},
+                   "runs": runs}, f, indent=1)
+    markdown = markdown_table(table, machine)
+    with open(os.path.join(args.out, f"jax-{stamp}.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
