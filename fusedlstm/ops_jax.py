@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from fusedlstm import projection
 from fusedlstm import xla_ffi
+from fusedlstm.kernels import cpu
 from fusedlstm.kernels.select import select_kernels
 
 _FORWARD_TARGET = "fusedlstm_lstm_forward"
@@ -149,19 +150,21 @@ def _on_cpu(array):
 def _forward_handler(args, results, attrs):
     xw, recurrent_kernel, h0, c0, mask, recurrent_mask = args
     save = bool(attrs["save"])
-    outputs, h_n, c_n, saved = _kernels().forward(
+    kernels = _kernels()
+    outputs, h_n, c_n, saved = kernels.forward(
         xw, recurrent_kernel, h0, c0, _none_if_empty(mask), _none_if_empty(recurrent_mask),
         attrs["activation"], attrs["recurrent_activation"],
-        bool(attrs["zero_output_for_mask"]), save)
+        bool(attrs["zero_output_for_mask"]), save, **_into(kernels, results))
     _write(results, (outputs, h_n, c_n, *(saved if save else ())))
 
 
 def _backward_handler(args, results, attrs):
     recurrent_kernel, mask, recurrent_mask, h_in, c_seq, gates, *d_results = args
-    _write(results, _kernels().backward(
+    kernels = _kernels()
+    _write(results, kernels.backward(
         recurrent_kernel, _none_if_empty(mask), _none_if_empty(recurrent_mask),
         attrs["activation"], attrs["recurrent_activation"], bool(attrs["zero_output_for_mask"]),
-        (h_in, c_seq, gates), *d_results))
+        (h_in, c_seq, gates), *d_results, **_into(kernels, results)))
 
 
 _HANDLERS = {_FORWARD_TARGET: _forward_handler, _BACKWARD_TARGET: _backward_handler}
@@ -177,10 +180,16 @@ def _kernels():
     return select_kernels(data_on_gpu=False)
 
 
+def _into(kernels, results):
+    """XLA's own result buffers, for the CPU kernels to write into (no copy after)."""
+    return {"out": results} if kernels is cpu else {}
+
+
 def _write(results, arrays):
-    """Copies the host drivers' NumPy results into XLA's result buffers."""
+    """Copies into XLA's result buffers the results not already written there."""
     for result, array in zip(results, arrays, strict=True):
-        np.copyto(result, array)
+        if array is not result:
+            np.copyto(result, array)
 
 
 def _codes(config):

@@ -339,13 +339,15 @@ def block_kernels(activation, recurrent_activation):
 
 
 def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
-            recurrent_activation, zero_output_for_mask, training):
+            recurrent_activation, zero_output_for_mask, training, out=None):
     """Runs `forward_steps` over blocks of rows, on NumPy arrays, batch-major.
 
     Args:
         xw: [N, T, 4H]; recurrent_kernel: [H, 4H]; h0, c0: [N, H].
         mask: [N, T] bool or None; recurrent_mask: [4, N, H] or None.
         training: save what `backward` needs.
+        out: C-contiguous float32 arrays to write the results into (a framework's
+            own buffers), in the order returned; allocated here when None.
 
     Returns:
         `(outputs [N, T, H], h_n, c_n, saved)`, with `saved = (h_in, c_seq,
@@ -355,11 +357,9 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
     N, T, H4 = xw.shape
     H = H4 // 4
     steps = T if training else 0
-    outputs = aligned_empty((N, T, H))
-    h_n, c_n = aligned_empty((N, H)), aligned_empty((N, H))
-    h_in = aligned_empty((N, steps, H))
-    c_seq = aligned_empty((N, T + 1 if training else 0, H))
-    gates = aligned_empty((N, steps, H4))
+    shapes = [(N, T, H), (N, H), (N, H), (N, steps, H), (N, T + 1 if training else 0, H),
+              (N, steps, H4)]
+    outputs, h_n, c_n, h_in, c_seq, gates = _results(shapes, out)
     packed = pack_forward(_f32(recurrent_kernel))
     arguments = (
         _f32(xw), packed, _f32(h0), _f32(c0), _mask_or_empty(mask, N),
@@ -374,16 +374,18 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
 
 
 def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activation,
-             zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n):
+             zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n, out=None):
     """Runs `backward_steps` over blocks of rows, on NumPy arrays, batch-major.
+
+    Args:
+        out: arrays to write the results into, as for `forward`, or None.
 
     Returns:
         `(d_xw [N, T, 4H], d_h0, d_c0)`.
     """
     _, c_seq, gates = saved
     N, T, H = d_outputs.shape
-    d_xw = aligned_empty((N, T, 4 * H))
-    d_h0, d_c0 = aligned_empty((N, H)), aligned_empty((N, H))
+    d_xw, d_h0, d_c0 = _results([(N, T, 4 * H), (N, H), (N, H)], out)
     arguments = (
         pack_backward(_f32(recurrent_kernel)), _mask_or_empty(mask, N),
         _recurrent_mask_or_empty(recurrent_mask, N, H), bool(zero_output_for_mask), c_seq,
@@ -426,6 +428,22 @@ def aligned_empty(shape, alignment=64):
     buffer = np.empty(size + alignment, np.uint8)
     start = -buffer.ctypes.data % alignment
     return buffer[start:start + size].view(np.float32).reshape(shape)
+
+
+def _results(shapes, out):
+    """The arrays a driver writes its results into: `out`, checked, or new aligned ones."""
+    if out is None:
+        return [aligned_empty(shape) for shape in shapes]
+    out = list(out)[:len(shapes)] + [aligned_empty(s) for s in shapes[len(out):]]
+    for array, shape in zip(out, shapes):
+        if (array.shape != tuple(shape) or array.dtype != np.float32
+                or not array.flags.c_contiguous or not array.flags.writeable):
+            raise ValueError(
+                f"Expected a writable C-contiguous float32 array of shape {tuple(shape)} to "
+                f"write a result into. Received: shape={array.shape}, dtype={array.dtype}, "
+                f"flags={'C' if array.flags.c_contiguous else 'not C'}-contiguous, "
+                f"{'writable' if array.flags.writeable else 'read-only'}")
+    return out
 
 
 def _f32(array):

@@ -218,3 +218,26 @@ def test_an_error_in_a_block_reaches_the_caller():
     with pytest.raises(ValueError, match="block failed"):
         threads.run_blocks(kernel, (8,), 32, 1 << 30)
     assert sorted(seen) == threads.block_bounds(32, 1 << 30, threads.thread_count())
+
+
+def test_results_are_written_into_given_buffers():
+    rng = np.random.default_rng(6)
+    x, W, U, b, h0, c0 = random_problem(rng, 3, 4, 2, 5)
+    xw = (x @ W + b).astype("float32")
+    out = [np.empty(shape, "float32") for shape in ((3, 4, 5), (3, 5), (3, 5))]
+    results = cpu.forward(xw, U, h0, c0, None, None, 0, 1, False, False, out=out)
+    assert all(r is o for r, o in zip(results[:3], out))
+    np.testing.assert_array_equal(out[0], cpu.forward(xw, U, h0, c0, None, None, 0, 1,
+                                                      False, False)[0])
+
+
+def test_a_wrong_result_buffer_is_a_clear_error():
+    rng = np.random.default_rng(7)
+    x, W, U, b, h0, c0 = random_problem(rng, 3, 4, 2, 5)
+    xw = (x @ W + b).astype("float32")
+    out = [np.empty((3, 4, 6), "float32")]
+    with pytest.raises(ValueError, match=r"shape \(3, 4, 5\).*Received: shape=\(3, 4, 6\)"):
+        cpu.forward(xw, U, h0, c0, None, None, 0, 1, False, False, out=out)
+    with pytest.raises(ValueError, match="float32.*Received.*float64"):
+        cpu.forward(xw, U, h0, c0, None, None, 0, 1, False, False,
+                    out=[np.empty((3, 4, 5), "float64")])
