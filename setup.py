@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=["fusedlstm", "fusedlstm.kernels"],
     package_dir={"fusedlstm": "fusedlstm", "fusedlstm.kernels": "kernels"},
-    install_requires=["keras>=3.14", "numba>=0.60", "numpy", "scipy", "threadpoolctl"],
+    install_requires=["keras>=3.14", "numba>=0.60", "numpy"],
     extras_require={
         "tensorflow": ["tensorflow>=2.16"],
         "tensorflow-cpu": ["tensorflow-cpu>=2.16"],
@@ -17,7 +17,7 @@ setup(
         "torch-cpu": ["torch==2.13.0"],
         "jax": ["jax>=0.10"],
         "cuda": ["numba-cuda[cu13]>=0.30"],
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "h5py"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "h5py", "scipy", "threadpoolctl"],
         "cli": ["matplotlib", "statsmodels"],
     },
 )
