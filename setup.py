@@ -18,5 +18,6 @@ setup(
         "cuda": ["numba-cuda[cu13]>=0.30"],
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "h5py"],
         "cli": ["matplotlib", "statsmodels"],
+        "sass": ["nvidia-cuda-nvcc>=13", "nvidia-cuda-runtime>=13", "nvidia-cuda-nvdisasm>=13"],
     },
 )

@@ -43,7 +43,7 @@ Kernels compile on first use, so importing this module needs no GPU.
 
 import numpy as np
 from cuda.core.utils import StridedMemoryView
-from numba import config, cuda, float32
+from numba import config, cuda, float32, types
 
 from .gates import compile_gates
 
@@ -549,6 +549,41 @@ def transpose(a, out):
                 if col0 + dy < C and row0 + tx < R:
                     out[col0 + dy, row0 + tx] = tile[tx, dy]
             cuda.syncthreads()
+
+
+# ---------------------------------------------------------------------------
+# Kernel signatures: what the host drivers launch, for offline compilation.
+
+
+def _array(ndim, dtype=types.float32):
+    return types.Array(dtype, ndim, "C")
+
+
+_LAUNCH_TYPES = (types.int64, types.int64, types.int64)  # units, lanes, cache_floats
+_FORWARD_SIGNATURE = _LAUNCH_TYPES + (
+    _array(3), _array(2), _array(2), _array(2), _array(2, types.boolean), _array(3),
+    types.int64, types.int64, types.boolean, _array(3), _array(2), _array(2), _array(3),
+    _array(3), _array(3), _array(3))
+_BACKWARD_SIGNATURE = _LAUNCH_TYPES + (
+    _array(2), _array(2, types.boolean), _array(3), types.int64, types.int64, types.boolean,
+    _array(3), _array(3), _array(3), _array(2), _array(2), _array(3), _array(2), _array(2),
+    _array(2))
+
+# Kernel name -> the Numba signatures the host drivers launch it with.
+SIGNATURES = {
+    "lstm_forward_persistent": (_FORWARD_SIGNATURE,),
+    "lstm_forward_block": (_FORWARD_SIGNATURE,),
+    "lstm_backward_persistent": (_BACKWARD_SIGNATURE,),
+    "lstm_backward_block": (_BACKWARD_SIGNATURE,),
+    "transpose": ((_array(2), _array(2)),),
+}
+
+
+def kernel_by_name(name):
+    """The kernel called `name` in `SIGNATURES`."""
+    if name not in SIGNATURES:
+        raise ValueError(f"name must be one of {sorted(SIGNATURES)}; received {name!r}.")
+    return globals()[name]
 
 
 # ---------------------------------------------------------------------------
