@@ -9,8 +9,10 @@ disassembled by `nvdisasm`. The tools come from NVIDIA's CUDA wheels on PyPI
 
 For each kernel the report gives registers, spills, stack and static shared
 memory (from `ptxas -v`), the instruction mix, the float64 and local-memory
-instructions, and its loops. A loop is a backward branch in the SASS; the hot
-loop is the innermost loop holding the most FFMA (the inner product).
+instructions, and its loops. A loop is a backward branch in the SASS. The hot
+loop is the inner product with its weights on chip: the innermost loop that
+stores nothing, loads from shared memory only and holds the most FFMA; the
+streamed loop is its twin that also loads from global memory.
 
 Run `python -m fusedlstm.kernels.sass --out benchmarks/results/sass-sm_90.json`.
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 ARCH = (9, 0)
 _FLOAT64_OPCODES = {"DADD", "DMUL", "DFMA", "DSETP", "DMNMX", "DSET", "DMMA"}
 _LOCAL_OPCODES = {"LDL", "STL"}
+_STORE_OPCODES = {"STG", "STS", "STL", "ST", "ATOM", "ATOMS", "RED"}
 _CG_RUNTIME_SYMBOLS = ("cudaCGGetIntrinsicHandle", "cudaCGSynchronize")
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
@@ -199,13 +202,31 @@ def loop_stats(code, first, last):
     body = [instruction for _, _, instruction in code[first:last + 1]]
     ffma = sum(opcode(i) == "FFMA" for i in body)
     return {
+        "first_address": code[first][0],
         "instructions": len(body),
         "ffma": ffma,
         "ffma_share": round(ffma / len(body), 3),
         "local_memory": sum(opcode(i) in _LOCAL_OPCODES for i in body),
         "global_loads": sum(opcode(i) == "LDG" for i in body),
         "shared_loads": sum(opcode(i) == "LDS" for i in body),
+        "stores": sum(opcode(i) in _STORE_OPCODES for i in body),
     }
+
+
+def inner_product_loops(loops):
+    """Innermost loops that multiply-add loaded values and store nothing.
+
+    `hot` reads its weights from shared memory only (weights on chip),
+    `streamed` also loads from global memory (weights streamed through L2 or
+    the recurrent dropout masks); each is the one with the most FFMA, the
+    shortest on a tie.
+    """
+    def best(candidates):
+        return min(candidates, key=lambda s: (-s["ffma"], s["instructions"]), default=None)
+
+    products = [s for s in loops if s["ffma"] and not s["stores"] and s["shared_loads"]]
+    return (best([s for s in products if not s["global_loads"]]),
+            best([s for s in products if s["global_loads"]]))
 
 
 def kernel_report(kernel, signature, cc=ARCH):
@@ -220,7 +241,8 @@ def kernel_report(kernel, signature, cc=ARCH):
     for _, _, instruction in code:
         mix[opcode(instruction)] = mix.get(opcode(instruction), 0) + 1
     loops = sorted((loop_stats(code, a, b) for a, b in innermost(find_loops(code))),
-                   key=lambda s: (s["ffma"], s["instructions"]), reverse=True)
+                   key=lambda s: s["first_address"])
+    hot, streamed = inner_product_loops(loops)
     return {
         "signature": str(signature),
         "linked_cg_runtime": any(symbol in ptx for symbol in _CG_RUNTIME_SYMBOLS),
@@ -229,7 +251,8 @@ def kernel_report(kernel, signature, cc=ARCH):
         "float64_instructions": sum(is_float64(i) for _, _, i in code),
         "local_memory_instructions": sum(opcode(i) in _LOCAL_OPCODES for _, _, i in code),
         "mix": dict(sorted(mix.items(), key=lambda item: -item[1])),
-        "hot_loop": loops[0] if loops else None,
+        "hot_loop": hot,
+        "streamed_loop": streamed,
         "innermost_loops": loops,
     }
 
@@ -286,11 +309,15 @@ def _run(command):
 
 
 def _summary_line(name, entry):
-    hot = entry["hot_loop"] or {"instructions": 0, "ffma": 0, "ffma_share": 0.0}
-    return (f"{name:32s} regs {entry['registers']:4d}  spill {entry['spill_store_bytes']:3d}/"
-            f"{entry['spill_load_bytes']:3d} B  smem {entry['shared_bytes']:6d} B  "
-            f"f64 {entry['float64_instructions']}  hot loop {hot['instructions']:4d} instr "
-            f"{hot['ffma']:3d} FFMA ({hot['ffma_share']:.2f})")
+    def loop(stats):
+        if not stats:
+            return "      -"
+        return f"{stats['instructions']:4d}/{stats['ffma']:3d} FFMA ({stats['ffma_share']:.2f})"
+
+    return (f"{name:26s} regs {entry['registers']:3d} spill {entry['spill_store_bytes']:3d}/"
+            f"{entry['spill_load_bytes']:3d} B smem {entry['shared_bytes']:5d} B "
+            f"f64 {entry['float64_instructions']} local {entry['local_memory_instructions']:2d} "
+            f"hot {loop(entry['hot_loop'])} streamed {loop(entry['streamed_loop'])}")
 
 
 def main(argv=None):

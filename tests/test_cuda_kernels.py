@@ -6,16 +6,15 @@
    as a script in a subprocess under the simulator; the script runs every case
    and prints one JSON line of measured errors, and the tests assert them
    against `kernels.cpu` and the float64 reference. Cases use tiny blocks so
-   that small inputs span several thread groups, and one-block launches: the
-   simulator runs blocks one after another and its grid barrier is a block
-   barrier, so only the transpose kernel (no grid barrier) runs multi-block.
-2. PTX. The one-block kernels compile for sm_90 without a device; they share
-   every device function with the cooperative kernels, which need a device to
-   compile (numba-cuda asks the driver while compiling the grid barrier), so
-   only the barrier itself goes unchecked. Their PTX must hold no float64
-   instruction and no local memory.
-3. GPU. Multi-block cooperative launches against the CPU kernels, skipped
+   that small inputs span several thread groups. The simulator runs blocks
+   one after another and its grid barrier is a block barrier, so cooperative
+   launches run one block; multi-block cases use `step_launches=True` (one
+   launch per step, the same device functions), with small weight caches so
+   that part of the weights streams and H > 128 so that rows stage in chunks.
+2. GPU. Multi-block cooperative launches against the CPU kernels, skipped
    without a device.
+
+The SASS of every kernel is checked offline by `test_cuda_sass.py`.
 """
 
 import json
@@ -32,7 +31,7 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from numba import config, cuda, types  # noqa: E402
+from numba import config, cuda  # noqa: E402
 
 import reference  # noqa: E402
 from fusedlstm.kernels import cpu  # noqa: E402
@@ -67,6 +66,16 @@ CASES = {
         T=3, N=5, H=31, dropout=True,
         launch=dict(single_block=False, block_size=64, lanes=32, cache_floats=1000)),
     "T1_N1_auto_launch": dict(T=1, N=1, H=3, launch=dict(block_size=8, lanes=4)),
+    "multiblock_streamed_dropout": dict(
+        T=4, N=9, H=37, mask="ragged", dropout=True,
+        launch=dict(step_launches=True, units_per_block=8, cache_floats=640, block_size=32,
+                    lanes=8)),
+    "multiblock_cached_zero_output": dict(
+        T=3, N=5, H=24, mask="ragged", zero_output=True,
+        launch=dict(step_launches=True, units_per_block=5, block_size=16, lanes=4)),
+    "multiblock_chunked_rows": dict(
+        T=2, N=2, H=130, launch=dict(step_launches=True, units_per_block=65, block_size=32,
+                                     lanes=32, cache_floats=4000)),
 }
 
 
@@ -216,14 +225,6 @@ def _device_array_run(kernels):
     }
 
 
-def _transpose_multiblock(kernels):
-    """The transpose kernel over a 2 x 2 grid of 32 x 2 blocks, several tiles each."""
-    a = np.random.default_rng(1).standard_normal((40, 70)).astype(np.float32)
-    out = np.zeros((70, 40), np.float32)
-    kernels.transpose[(2, 2), (32, 2)](a, out)
-    return float(np.max(np.abs(out - a.T)))
-
-
 def _selected_under_cuda_switch():
     from fusedlstm.kernels import cuda as cuda_kernels
     from fusedlstm.kernels.select import select_kernels
@@ -239,7 +240,6 @@ def _run_simulator_suite():
         "cases": {name: _run_case(cuda_kernels, case) for name, case in CASES.items()},
         "validation": _validation_messages(cuda_kernels),
         "device_arrays": _device_array_run(cuda_kernels),
-        "transpose_error": _transpose_multiblock(cuda_kernels),
         "cuda_switch_selects_cuda": _selected_under_cuda_switch(),
     }
 
@@ -304,10 +304,6 @@ def test_simulated_device_arrays_stay_on_device(simulated):
     assert result["max_error"] == 0.0
 
 
-def test_simulated_transpose_runs_multiblock(simulated):
-    assert simulated["transpose_error"] == 0.0
-
-
 def test_simulated_cuda_switch_runs_cuda_kernels_on_cpu_data(simulated):
     assert simulated["cuda_switch_selects_cuda"]
 
@@ -335,40 +331,6 @@ def test_select_kernels_rejects_unknown_value(monkeypatch):
     monkeypatch.setenv("FUSEDLSTM_KERNEL", "gpu")
     with pytest.raises(ValueError, match=r"one of auto, cpu, cuda; received 'gpu'"):
         select_kernels(data_on_gpu=True)
-
-
-# ---------------------------------------------------------------------------
-# PTX for sm_90, compiled without a device.
-
-
-def _array(ndim, dtype=types.float32):
-    return types.Array(dtype, ndim, "C")
-
-
-_I64, _BOOL = types.int64, types.boolean
-_LAUNCH = (_I64, _I64, _I64)  # units, lanes, cache_floats
-_FORWARD_SIGNATURE = _LAUNCH + (
-    _array(3), _array(2), _array(2), _array(2), _array(2, _BOOL), _array(3), _I64, _I64, _BOOL,
-    _array(3), _array(2), _array(2), _array(3), _array(3), _array(3), _array(3))
-_BACKWARD_SIGNATURE = _LAUNCH + (
-    _array(2), _array(2, _BOOL), _array(3), _I64, _I64, _BOOL, _array(3), _array(3), _array(3),
-    _array(2), _array(2), _array(3), _array(2), _array(2), _array(2))
-
-
-@pytest.mark.skipif(SIMULATED, reason="the simulator compiles no PTX")
-@pytest.mark.parametrize("name, signature", [
-    ("lstm_forward_block", _FORWARD_SIGNATURE),
-    ("lstm_backward_block", _BACKWARD_SIGNATURE),
-    ("transpose", (_array(2), _array(2))),
-])
-def test_ptx_has_no_float64_and_no_local_memory(name, signature):
-    from fusedlstm.kernels import cuda as cuda_kernels
-
-    kernel = getattr(cuda_kernels, name)
-    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0),
-                              launch_bounds=kernel.targetoptions.get("launch_bounds"))
-    assert ptx.count(".f64") == 0
-    assert ".local" not in ptx, "accumulators spilled to local memory"
 
 
 # ---------------------------------------------------------------------------
