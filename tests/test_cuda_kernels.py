@@ -337,12 +337,18 @@ def test_select_kernels_rejects_unknown_value(monkeypatch):
 # The GPU script.
 
 
-def test_gpu_benchmark_script_help():
-    script = ROOT / "benchmarks" / "gpu_kernels.py"
-    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
-                          text=True, timeout=120)
+@pytest.mark.parametrize("command, options", [
+    ("kernels", ("--small", "--skip-sanitizers", "--out")),
+    ("layer", ("--batches", "--skip-training", "--out")),
+    ("all", ("--small", "--batches", "--repeats")),
+])
+def test_gpu_benchmark_script_help(command, options):
+    script = ROOT / "benchmarks" / "gpu.py"
+    done = subprocess.run([sys.executable, str(script), command, "--help"],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "--small" in done.stdout and "--out" in done.stdout
+    for option in options:
+        assert option in done.stdout
 
 
 # ---------------------------------------------------------------------------
