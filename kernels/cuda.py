@@ -87,6 +87,8 @@ _SINGLE_BLOCK_WORK = 1 << 17
 _DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
 _ZERO = np.float32(0.0)
 _U_CHUNK = np.uint64(_CHUNK)
+_U_WEIGHT_FLOATS = np.uint64(_WEIGHT_FLOATS)
+_U1 = np.uint64(1)
 _U3 = np.uint64(3)
 _U4 = np.uint64(4)
 _SIMULATED = bool(config.ENABLE_CUDASIM)
@@ -190,11 +192,22 @@ def _stage_rows(stage, src, n_first, rows, c0, width):
 
     Rows past the end repeat the last row (their sums are never written).
     """
-    last = src.shape[0] - 1
-    for idx in range(cuda.threadIdx.x, rows * width, cuda.blockDim.x):
-        r = idx // width
-        kk = idx - r * width
-        stage[_WEIGHT_FLOATS + r * _CHUNK + kk] = src[min(n_first + r, last), c0 + kk]
+    # Each thread keeps one column and walks rows: unsigned, no division in
+    # the loop. With more threads than columns, extra threads start lower
+    # rows (a block size that is not a multiple of _CHUNK copies some
+    # elements twice, the same value).
+    threads, tid = uint64(cuda.blockDim.x), uint64(cuda.threadIdx.x)
+    columns = min(threads, _U_CHUNK)
+    row_step = max(_U1, threads // _U_CHUNK)
+    last, n_first, c0 = uint64(src.shape[0] - 1), uint64(n_first), uint64(c0)
+    width, rows = uint64(width), uint64(rows)
+    kk = tid % columns
+    while kk < width:
+        r = tid // columns
+        while r < rows:
+            stage[_U_WEIGHT_FLOATS + r * _U_CHUNK + kk] = src[min(n_first + r, last), c0 + kk]
+            r += row_step
+        kk += columns
 
 
 @_device
@@ -893,7 +906,8 @@ def _launch(kernels, data_args, steps, N, H, stream, block_size, lanes, units_pe
 def _grid_shape(H, units_per_block, max_blocks, cache_floats, block_size):
     """`(units, blocks)`: units per block and the cooperative grid size."""
     if units_per_block is None:
-        fit = max(1, cache_floats // (4 * H))  # widest slice whose weights stay on chip
+        # Widest slice that keeps at least 90% of its weights on chip.
+        fit = max(1, cache_floats * 10 // (36 * H))
         spread = -(-H // _multiprocessor_count())  # one block per SM
         units = max(min(fit, spread), -(-H // max_blocks))
     else:

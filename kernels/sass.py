@@ -192,17 +192,23 @@ def find_loops(code):
     return loops
 
 
+def depth(loops, first, last):
+    """How many other loops contain the loop `(first, last)`."""
+    return sum((a, b) != (first, last) and a <= first and last <= b for a, b in loops)
+
+
 def innermost(loops):
     """The loops that contain no other loop."""
     return [(a, b) for a, b in loops
             if not any((a, b) != (c, d) and a <= c and d <= b for c, d in loops)]
 
 
-def loop_stats(code, first, last):
+def loop_stats(code, first, last, depth=0):
     body = [instruction for _, _, instruction in code[first:last + 1]]
     ffma = sum(opcode(i) == "FFMA" for i in body)
     return {
         "first_address": code[first][0],
+        "depth": depth,
         "instructions": len(body),
         "ffma": ffma,
         "ffma_share": round(ffma / len(body), 3),
@@ -210,6 +216,7 @@ def loop_stats(code, first, last):
         "global_loads": sum(opcode(i) == "LDG" for i in body),
         "shared_loads": sum(opcode(i) == "LDS" for i in body),
         "stores": sum(opcode(i) in _STORE_OPCODES for i in body),
+        "shared_stores": sum(opcode(i) == "STS" for i in body),
     }
 
 
@@ -229,6 +236,18 @@ def inner_product_loops(loops):
             best([s for s in products if s["global_loads"]]))
 
 
+def staging_loop(loops):
+    """The loop that stages rows every step: global to shared memory, no math.
+
+    An innermost loop inside at least two others (the time loop, the chunk
+    loop), so not a prologue's; each trip stages one element, so its length
+    is the staging cost per element.
+    """
+    copies = [s for s in loops if s["shared_stores"] and s["global_loads"] and not s["ffma"]
+              and s["depth"] >= 2]
+    return min(copies, key=lambda s: s["instructions"], default=None)
+
+
 def kernel_report(kernel, signature, cc=ARCH):
     """The report of one kernel compiled for one signature."""
     ptx = compile_ptx(kernel, signature, cc)
@@ -240,8 +259,9 @@ def kernel_report(kernel, signature, cc=ARCH):
     mix = {}
     for _, _, instruction in code:
         mix[opcode(instruction)] = mix.get(opcode(instruction), 0) + 1
-    loops = sorted((loop_stats(code, a, b) for a, b in innermost(find_loops(code))),
-                   key=lambda s: s["first_address"])
+    every = find_loops(code)
+    loops = sorted((loop_stats(code, a, b, depth(every, a, b))
+                    for a, b in innermost(every)), key=lambda s: s["first_address"])
     hot, streamed = inner_product_loops(loops)
     return {
         "signature": str(signature),
@@ -253,6 +273,7 @@ def kernel_report(kernel, signature, cc=ARCH):
         "mix": dict(sorted(mix.items(), key=lambda item: -item[1])),
         "hot_loop": hot,
         "streamed_loop": streamed,
+        "staging_loop": staging_loop(loops),
         "innermost_loops": loops,
     }
 
