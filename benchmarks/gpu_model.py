@@ -19,10 +19,12 @@ The fused step (one cooperative launch, a grid barrier per step):
   `grid.sync()` (1-3 us; DESIGN.md section 8); not measured.
 - latency: one L2 round trip after the barrier for the staged rows, one for
   the inputs of the cell math (`STEP_LATENCY_US`).
-- issue: the busiest SM's warp instructions (a block's 8 warps run the same
-  count: hot loop per `_CHUNK` columns from the SASS, staging, shuffles and
-  cell math per round) over its 4 schedulers, and at least 2 cycles per
-  instruction of one warp (its dependent loads).
+- issue: the busiest SM's warp instructions (busy warps: the hot loop per
+  `_CHUNK` columns and the staging loop, both from the SASS, plus shuffles
+  and cell math per round; idle warps: staging and barriers) over its 4
+  schedulers; at least 2 cycles per instruction of one warp (its dependent
+  loads); and at least one cycle per warp-wide shared-memory or L1 access
+  (128 bytes per cycle per SM).
 - L2: weights that do not fit in shared memory, re-read every round, plus
   the staged rows of h (backward: of the gate gradients), at `L2_TBPS`.
 
@@ -64,22 +66,26 @@ L2_TBPS = 5.5  # microbenchmarks of H100 L2 reads; the datasheet gives none
 GRID_BARRIER_US = 2.0
 STEP_LATENCY_US = 1.0
 CYCLES_PER_WARP_INSTRUCTION = 2.0
+LSU_WAVEFRONTS_PER_CYCLE = 1.0  # 128 bytes per cycle per SM, shared memory and L1
 CUDNN_STEP_FLOOR_US = 7.0
 GEMM_EFFICIENCY = 0.6
 
-# Instruction counts outside the inner loops, per warp (estimates from the
-# device functions, not from the SASS): per chunk (two block barriers and the
-# loop set-up), per staged element, per round (shuffle butterfly of 16 sums,
-# hand-off through shared memory, cell math) and per backward cell.
+# Instruction counts outside the inner loops and the staging loop (both read
+# from the SASS), per warp, estimated from the device functions: per chunk
+# (two block barriers and the loop set-up), per shuffle stage of the
+# butterfly (16 sums: a shuffle and an add each), per round (hand-off of the
+# sums through shared memory, forward cell math for the warp's rows, all in
+# parallel) and per backward cell.
 CHUNK_OVERHEAD = 30
-STAGE_PER_ELEMENT = 12
-ROUND_FORWARD = 450
-ROUND_BACKWARD = 300
+SHUFFLE_STAGE = 32
+ROUND_FORWARD = 300
+ROUND_BACKWARD = 60
 CELL_BACKWARD = 80
 
 # The launch the host driver uses by default (`kernels/cuda.py`).
 THREADS = 256
 LANES = 32
+WARP = 32
 ROWS = 4
 CHUNK = 128
 STAGE_TILES = 8
@@ -89,18 +95,20 @@ BLOCKS_PER_SM = 2
 
 def grid(H):
     """The launcher's `(units, blocks)` for a cooperative launch (`_grid_shape`)."""
-    fit = max(1, WEIGHT_FLOATS // (4 * H))
+    fit = max(1, WEIGHT_FLOATS * 10 // (36 * H))
     spread = -(-H // SMS)
     units = max(min(fit, spread), -(-H // (SMS * BLOCKS_PER_SM)))
     return units, -(-H // units)
 
 
-def rounds(N, tiles):
-    """Rounds of register tiles and row tiles per round (`_round_shape`)."""
-    groups = THREADS // LANES
+def rounds(N, tiles, lanes):
+    """`(rounds, row tiles per round, busy warps per round)` (`_round_shape`)."""
+    groups = THREADS // lanes
     row_tiles = -(-N // ROWS)
     per_round = max(1, min(groups // max(1, tiles), STAGE_TILES, row_tiles))
-    return -(-row_tiles // per_round) * -(-tiles // min(tiles, groups)), per_round
+    per_round_units = min(tiles, groups)
+    busy_warps = -(-per_round * per_round_units * lanes // WARP)
+    return (-(-row_tiles // per_round) * -(-tiles // per_round_units), per_round, busy_warps)
 
 
 def loop_cost(sass, kernel, streamed_fraction):
@@ -111,43 +119,74 @@ def loop_cost(sass, kernel, streamed_fraction):
             + streamed_fraction * streamed["instructions"])
 
 
-def fused_forward_us(sass, N, H):
+def _products(sass, kernel, N, H, width_tiles, streamed, chunks, lanes):
+    """Warp instructions of a block's recurrent products in one step.
+
+    Returns `(busy, idle)`: per busy warp (inner loop, staging, butterflies,
+    hand-off) and per idle warp (staging and barriers only).
+    """
+    count, per_round, busy_warps = rounds(N, width_tiles, lanes)
+    trips = CHUNK / lanes / 4  # passes of the 4-trip unrolled loop per chunk
+    staging = sass["kernels"][kernel]["staging_loop"]["instructions"]
+    stage = per_round * ROWS * CHUNK / THREADS * staging
+    butterfly = SHUFFLE_STAGE * max(0, (lanes - 1).bit_length())
+    busy = count * (chunks * (trips * loop_cost(sass, kernel, streamed) + CHUNK_OVERHEAD + stage)
+                    + butterfly)
+    idle = count * chunks * (CHUNK_OVERHEAD + stage)
+    # Shared-memory and L1 wavefronts (one per warp-wide 4-byte load or store):
+    # the inner loop's loads in busy warps, a load and a store per staged element.
+    hot = sass["kernels"][kernel]["hot_loop"]
+    loads = hot["shared_loads"] + hot["global_loads"]
+    wavefronts = (busy_warps * count * chunks * trips * loads
+                  + THREADS // WARP * count * chunks * 2 * per_round * ROWS * CHUNK / THREADS)
+    return busy, idle, count, busy_warps, wavefronts
+
+
+def fused_forward_us(sass, N, H, lanes=LANES):
     units, blocks = grid(H)
     cached_k = min(H, WEIGHT_FLOATS // (4 * units))
     streamed = (H - cached_k) / H
-    count, per_round = rounds(N, units)
-    chunks = -(-H // CHUNK)
-    stage = per_round * ROWS * CHUNK / THREADS * STAGE_PER_ELEMENT
-    per_chunk = loop_cost(sass, "lstm_forward_persistent", streamed) + CHUNK_OVERHEAD + stage
-    warp = count * (chunks * per_chunk + ROUND_FORWARD)
+    busy, idle, count, busy_warps, wavefronts = _products(
+        sass, "lstm_forward_persistent", N, H, units, streamed, -(-H // CHUNK), lanes)
+    busy += count * ROUND_FORWARD
     l2_bytes = 4 * (4 * H * (H - cached_k) * -(-N // ROWS) + blocks * N * H + 5 * N * H)
-    return _step_us(warp, blocks, l2_bytes), dict(units=units, blocks=blocks, cached_k=cached_k,
-                                                  rounds=count, warp_instructions=round(warp))
+    step, bound = _step_us(busy, idle, busy_warps, wavefronts, blocks, l2_bytes)
+    return step, dict(
+        bound=bound, units=units, blocks=blocks, cached_k=cached_k, rounds=count, busy_warps=busy_warps,
+        busy_warp_instructions=round(busy))
 
 
-def fused_backward_us(sass, N, H):
+def fused_backward_us(sass, N, H, lanes=LANES):
     units, blocks = grid(H)
     cached_c = min(4 * H, WEIGHT_FLOATS // units)
     streamed = (4 * H - cached_c) / (4 * H)
-    count, per_round = rounds(N, -(-units // 4))
-    chunks = 4 * -(-H // CHUNK)
-    stage = per_round * ROWS * CHUNK / THREADS * STAGE_PER_ELEMENT
-    per_chunk = loop_cost(sass, "lstm_backward_persistent", streamed) + CHUNK_OVERHEAD + stage
+    busy, idle, count, busy_warps, wavefronts = _products(
+        sass, "lstm_backward_persistent", N, H, -(-units // 4), streamed, 4 * -(-H // CHUNK),
+        lanes)
     cells = -(-N * units // THREADS) * CELL_BACKWARD
-    warp = count * (chunks * per_chunk + ROUND_BACKWARD) + cells
+    busy += count * ROUND_BACKWARD + cells
+    idle += cells
     l2_bytes = 4 * (units * (4 * H - cached_c) * blocks * -(-N // ROWS)
                     + blocks * N * 4 * H + 12 * N * H)
-    return _step_us(warp, blocks, l2_bytes), dict(units=units, blocks=blocks, cached_c=cached_c,
-                                                  rounds=count, warp_instructions=round(warp))
+    step, bound = _step_us(busy, idle, busy_warps, wavefronts, blocks, l2_bytes)
+    return step, dict(
+        bound=bound, units=units, blocks=blocks, cached_c=cached_c, rounds=count, busy_warps=busy_warps,
+        busy_warp_instructions=round(busy))
 
 
-def _step_us(warp_instructions, blocks, l2_bytes):
+def _step_us(busy, idle, busy_warps, wavefronts, blocks, l2_bytes):
+    """Barrier, latency, and the slowest of the busiest SM's instruction issue,
+    its shared-memory/L1 wavefronts (`LSU_WAVEFRONTS_PER_CYCLE`) and L2."""
     blocks_per_sm = -(-blocks // SMS)
-    issue_cycles = warp_instructions * max(
-        THREADS // LANES * blocks_per_sm / SCHEDULERS, CYCLES_PER_WARP_INSTRUCTION)
-    issue_us = issue_cycles / (CLOCK_GHZ * 1e3)
-    l2_us = l2_bytes / (L2_TBPS * 1e6)
-    return GRID_BARRIER_US + STEP_LATENCY_US + max(issue_us, l2_us)
+    warps = THREADS // WARP
+    per_sm = blocks_per_sm * (busy_warps * busy + (warps - busy_warps) * idle)
+    terms = {
+        "issue": max(per_sm / SCHEDULERS, busy * CYCLES_PER_WARP_INSTRUCTION) / (CLOCK_GHZ * 1e3),
+        "shared memory": blocks_per_sm * wavefronts / LSU_WAVEFRONTS_PER_CYCLE / (CLOCK_GHZ * 1e3),
+        "L2": l2_bytes / (L2_TBPS * 1e6),
+    }
+    bound = max(terms, key=terms.get)
+    return GRID_BARRIER_US + STEP_LATENCY_US + terms[bound], bound
 
 
 def cudnn_forward_us(N, H, tflops):
@@ -185,6 +224,8 @@ def model(sass):
                                           2)
         row["backward_ratio_fp32"] = round(
             row["fused_backward_us"] / row["cudnn_fp32_backward_us"], 2)
+        row["floor_ratio"] = round((GRID_BARRIER_US + STEP_LATENCY_US)
+                                   / row["cudnn_fp32_forward_us"], 2)
         row["target"] = forward_target(row["N"], row["H"])
         row["meets_target"] = None if row["target"] is None else (
             row["forward_ratio_fp32"] <= row["target"])
@@ -203,8 +244,9 @@ def forward_target(N, H):
 def constants():
     names = ("SMS", "SCHEDULERS", "CLOCK_GHZ", "FP32_TFLOPS", "TF32_TFLOPS", "L2_TBPS",
              "GRID_BARRIER_US", "STEP_LATENCY_US", "CYCLES_PER_WARP_INSTRUCTION",
-             "CUDNN_STEP_FLOOR_US", "GEMM_EFFICIENCY", "CHUNK_OVERHEAD", "STAGE_PER_ELEMENT",
-             "ROUND_FORWARD", "ROUND_BACKWARD", "CELL_BACKWARD")
+             "LSU_WAVEFRONTS_PER_CYCLE",
+             "CUDNN_STEP_FLOOR_US", "GEMM_EFFICIENCY", "CHUNK_OVERHEAD",
+             "SHUFFLE_STAGE", "ROUND_FORWARD", "ROUND_BACKWARD", "CELL_BACKWARD", "LANES")
     return {name: globals()[name] for name in names}
 
 
@@ -222,9 +264,13 @@ def markdown(rows, sass_path, sass):
         "sources in `benchmarks/gpu_model.py`. Ratio = fused / cuDNN fp32; target from "
         "issue 10 (<= 0.5 at N <= 16 and H <= 512, <= 1.0 at N = 64).",
         "",
-        "| H | N | fused fwd | cuDNN fwd fp32 | cuDNN fwd TF32 | ratio fp32 | target | "
-        "fused bwd | cuDNN bwd fp32 | ratio bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Bound: the largest term of the fused forward step after the fixed "
+        f"{GRID_BARRIER_US + STEP_LATENCY_US:.1f} us of grid barrier and latency; floor ratio: "
+        "that fixed part alone over cuDNN's step (no kernel can go below it).",
+        "",
+        "| H | N | fused fwd | cuDNN fwd fp32 | cuDNN fwd TF32 | ratio fp32 | target | bound | "
+        "floor ratio | fused bwd | cuDNN bwd fp32 | ratio bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         target = "-" if r["target"] is None else (
@@ -232,7 +278,8 @@ def markdown(rows, sass_path, sass):
         lines.append(
             f"| {r['H']} | {r['N']} | {r['fused_forward_us']:.1f} | "
             f"{r['cudnn_fp32_forward_us']:.1f} | {r['cudnn_tf32_forward_us']:.1f} | "
-            f"{r['forward_ratio_fp32']:.2f} | {target} | {r['fused_backward_us']:.1f} | "
+            f"{r['forward_ratio_fp32']:.2f} | {target} | {r['forward_grid']['bound']} | "
+            f"{r['floor_ratio']:.2f} | {r['fused_backward_us']:.1f} | "
             f"{r['cudnn_fp32_backward_us']:.1f} | {r['backward_ratio_fp32']:.2f} |")
     lines += ["", "Constants: " + ", ".join(f"{k}={v}" for k, v in constants().items()), ""]
     return "\n".join(lines)
