@@ -88,7 +88,9 @@ _DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
 _ZERO = np.float32(0.0)
 _U_CHUNK = np.uint64(_CHUNK)
 _U_WEIGHT_FLOATS = np.uint64(_WEIGHT_FLOATS)
+_U0 = np.uint64(0)
 _U1 = np.uint64(1)
+_U2 = np.uint64(2)
 _U3 = np.uint64(3)
 _U4 = np.uint64(4)
 _SIMULATED = bool(config.ENABLE_CUDASIM)
@@ -307,25 +309,36 @@ def _forward_initial_states(first, width, h0, c0, h, c, h_seq, c_seq):
 @_device
 def _dropout_products(acc, stage, s0, weights, w0, w1, w2, w3, recurrent_mask, n0, c0, lo, hi,
                       lanes):
-    """`_tile_products` with per-gate recurrent dropout masks on the staged rows."""
-    last = recurrent_mask.shape[1] - 1
-    for kk in range(lo, hi, lanes):
+    """`_tile_products` with per-gate recurrent dropout masks on the staged rows.
+
+    Unsigned indices; the masks come from global memory, so this loop does
+    less math per instruction than `_tile_products`.
+    """
+    last = uint64(recurrent_mask.shape[1] - 1)
+    n0, c0, s0, step = uint64(n0), uint64(c0), uint64(s0), uint64(lanes)
+    w0, w1, w2, w3 = uint64(w0), uint64(w1), uint64(w2), uint64(w3)
+    kk, hi = uint64(lo), uint64(hi)
+    while kk < hi:
         k = c0 + kk
         u0, u1, u2, u3 = weights[w0 + kk], weights[w1 + kk], weights[w2 + kk], weights[w3 + kk]
         for r in range(_ROWS):
-            n = min(n0 + r, last)
-            x = stage[s0 + r * _CHUNK + kk]
-            acc[4 * r] += x * recurrent_mask[0, n, k] * u0
-            acc[4 * r + 1] += x * recurrent_mask[1, n, k] * u1
-            acc[4 * r + 2] += x * recurrent_mask[2, n, k] * u2
-            acc[4 * r + 3] += x * recurrent_mask[3, n, k] * u3
+            n = min(n0 + uint64(r), last)
+            x = stage[s0 + uint64(r) * _U_CHUNK + kk]
+            acc[4 * r] += x * recurrent_mask[_U0, n, k] * u0
+            acc[4 * r + 1] += x * recurrent_mask[_U1, n, k] * u1
+            acc[4 * r + 2] += x * recurrent_mask[_U2, n, k] * u2
+            acc[4 * r + 3] += x * recurrent_mask[_U3, n, k] * u3
+        kk += step
 
 
 @_device
 def _forward_step(t, xw, u_t, cache, cached_k, first, width, lanes, h, h_next, c_prev, c,
-                  mask, recurrent_mask, activation, recurrent_activation, zero_output_for_mask,
-                  outputs, h_seq, c_seq, gates):
-    """One timestep for the block's units: reads h and c_prev, writes h_next and c."""
+                  mask, recurrent_mask, dropout, activation, recurrent_activation,
+                  zero_output_for_mask, outputs, h_seq, c_seq, gates):
+    """One timestep for the block's units: reads h and c_prev, writes h_next and c.
+
+    `dropout` (a compile-time constant) says whether `recurrent_mask` applies.
+    """
     N, H = h.shape
     acc = cuda.local.array(_ACC, float32)
     lane = cuda.threadIdx.x % lanes
@@ -333,7 +346,6 @@ def _forward_step(t, xw, u_t, cache, cached_k, first, width, lanes, h, h_next, c
     row_tiles = (N + _ROWS - 1) // _ROWS
     tiles_per_round, units_per_round = _round_shape(cuda.blockDim.x // lanes, width, row_tiles)
     my_tile = group // units_per_round
-    dropout = recurrent_mask.shape[0] > 0
     # Block-uniform trip counts: every thread reaches each barrier and shuffle.
     for tile0 in range(0, row_tiles, tiles_per_round):
         n_first = tile0 * _ROWS
@@ -440,25 +452,22 @@ def _backward_cells(t, first, width, mask, activation, recurrent_activation,
 
 
 @_device
-def _fold_gate(total, acc, r, recurrent_mask, g, n, first, rows, dropout):
-    """total[4r + q] += acc[4r + q], times gate g's dropout mask at (n, unit q)."""
-    if dropout:
-        total[4 * r] += recurrent_mask[g, n, first + rows[0]] * acc[4 * r]
-        total[4 * r + 1] += recurrent_mask[g, n, first + rows[1]] * acc[4 * r + 1]
-        total[4 * r + 2] += recurrent_mask[g, n, first + rows[2]] * acc[4 * r + 2]
-        total[4 * r + 3] += recurrent_mask[g, n, first + rows[3]] * acc[4 * r + 3]
-    else:
-        for q in range(4):
-            total[4 * r + q] += acc[4 * r + q]
+def _fold_gate(total, acc, r, recurrent_mask, g, n, first, rows):
+    """total[4r + q] += acc[4r + q] times gate g's dropout mask at (n, unit q)."""
+    total[4 * r] += recurrent_mask[g, n, first + rows[0]] * acc[4 * r]
+    total[4 * r + 1] += recurrent_mask[g, n, first + rows[1]] * acc[4 * r + 1]
+    total[4 * r + 2] += recurrent_mask[g, n, first + rows[2]] * acc[4 * r + 2]
+    total[4 * r + 3] += recurrent_mask[g, n, first + rows[3]] * acc[4 * r + 3]
 
 
 @_device
 def _backward_products(t, u_flat, cache, cached_c, first, width, lanes, mask, recurrent_mask,
-                       d_xw, dh):
+                       dropout, d_xw, dh):
     """dh[n, j] = (d_xw[t] @ U.T)[n, j], per-gate dropout masks applied, for live rows.
 
-    Register tiles of `_ROWS` rows times 4 units; each gate's partial sums are
-    weighted by its dropout mask (a lane's share, before the lanes are added).
+    Register tiles of `_ROWS` rows times 4 units. With `dropout` (a
+    compile-time constant), each gate's partial sums are weighted by its
+    dropout mask (a lane's share, before the lanes are added).
     """
     N, H = dh.shape
     dz = d_xw[t]
@@ -471,7 +480,6 @@ def _backward_products(t, u_flat, cache, cached_c, first, width, lanes, mask, re
     tiles_per_round, units_per_round = _round_shape(cuda.blockDim.x // lanes, unit_tiles,
                                                     row_tiles)
     my_tile = group // units_per_round
-    dropout = recurrent_mask.shape[0] > 0
     masked = mask.shape[0] > 0
     for tile0 in range(0, row_tiles, tiles_per_round):
         n_first = tile0 * _ROWS
@@ -482,11 +490,14 @@ def _backward_products(t, u_flat, cache, cached_c, first, width, lanes, mask, re
             rows = (min(jj0, width - 1), min(jj0 + 1, width - 1), min(jj0 + 2, width - 1),
                     min(jj0 + 3, width - 1))
             for a in range(_ACC):
-                total[a] = _ZERO
+                acc[a] = _ZERO
+                if dropout:
+                    total[a] = _ZERO
             s0 = _WEIGHT_FLOATS + my_tile * _ROWS * _CHUNK
             for g in range(4):
-                for a in range(_ACC):
-                    acc[a] = _ZERO
+                if dropout:
+                    for a in range(_ACC):
+                        acc[a] = _ZERO
                 for k0 in range(0, H, _CHUNK):
                     chunk = min(_CHUNK, H - k0)
                     col0 = g * H + k0
@@ -504,12 +515,16 @@ def _backward_products(t, u_flat, cache, cached_c, first, width, lanes, mask, re
                                        u0 + (rows[2] - rows[0]) * 4 * H,
                                        u0 + (rows[3] - rows[0]) * 4 * H,
                                        on_chip + lane, chunk, lanes)
-                if active:
+                if dropout and active:
                     for r in range(_ROWS):
                         _fold_gate(total, acc, r, recurrent_mask, g, min(n0 + r, N - 1),
-                                   first, rows, dropout)
-            _group_sum(total, lanes)
-            _share_sums(cache, total, lane, group)
+                                   first, rows)
+            if dropout:
+                _group_sum(total, lanes)
+                _share_sums(cache, total, lane, group)
+            else:
+                _group_sum(acc, lanes)
+                _share_sums(cache, acc, lane, group)
             if active:
                 for a in range(lane, _ACC, lanes):
                     n = n0 + a // 4
@@ -522,12 +537,14 @@ def _backward_products(t, u_flat, cache, cached_c, first, width, lanes, mask, re
 # Kernels, compiled once per activation pair.
 
 
-def _make_kernels(activation, recurrent_activation, lanes):
+def _make_kernels(activation, recurrent_activation, lanes, dropout):
     """The forward and backward kernels specialized for one activation pair.
 
-    The activation codes and `lanes` (threads per register-tile group, a
-    power of two up to 32) are closure constants, so the gate math is
-    compiled for the pair alone and the inner loops' strides are known.
+    The activation codes, `lanes` (threads per register-tile group, a power
+    of two up to 32) and `dropout` (whether a recurrent dropout mask applies)
+    are closure constants, so the gate math is compiled for the pair alone,
+    the inner loops' strides are known and kernels without dropout carry no
+    dropout code.
     Every kernel takes `(units, weight_floats)` first: hidden units per block
     and shared-memory floats used to cache weights (at most `_WEIGHT_FLOATS`).
     """
@@ -559,7 +576,7 @@ def _make_kernels(activation, recurrent_activation, lanes):
         T = outputs.shape[0]
         for t in range(T):
             _forward_step(t, xw, u_t, cache, cached_k, first, width, lanes, h_buf[t % 2],
-                          h_buf[(t + 1) % 2], c_n, c_n, mask, recurrent_mask, act, ract,
+                          h_buf[(t + 1) % 2], c_n, c_n, mask, recurrent_mask, dropout, act, ract,
                           zero_output_for_mask, outputs, h_seq, c_seq, gates)
             grid.sync()
         _copy_units(h_buf[T % 2], h_n, first, width)
@@ -579,7 +596,7 @@ def _make_kernels(activation, recurrent_activation, lanes):
         T = outputs.shape[0]
         for t in range(T):
             _forward_step(t, xw, u_t, cache, cached_k, first, width, lanes, h_buf[t % 2],
-                          h_buf[(t + 1) % 2], c_n, c_n, mask, recurrent_mask, act, ract,
+                          h_buf[(t + 1) % 2], c_n, c_n, mask, recurrent_mask, dropout, act, ract,
                           zero_output_for_mask, outputs, h_seq, c_seq, gates)
             cuda.syncthreads()
         _copy_units(h_buf[T % 2], h_n, first, width)
@@ -603,7 +620,7 @@ def _make_kernels(activation, recurrent_activation, lanes):
                 _forward_initial_states(first, width, h0, c0, h_seq[0], c_seq[0], h_seq, c_seq)
         cuda.syncthreads()
         _forward_step(t, xw, u_t, cache, cached_k, first, width, lanes, h, h_buf[(t + 1) % 2],
-                      c_prev, c_n, mask, recurrent_mask, act, ract, zero_output_for_mask,
+                      c_prev, c_n, mask, recurrent_mask, dropout, act, ract, zero_output_for_mask,
                       outputs, h_seq, c_seq, gates)
         if t == outputs.shape[0] - 1:
             cuda.syncthreads()
@@ -642,7 +659,7 @@ def _make_kernels(activation, recurrent_activation, lanes):
                             gates, d_outputs, d_xw, d_h0, d_c0, carried)
             grid.sync()
             _backward_products(t, u_flat, cache, cached_c, first, width, lanes, mask,
-                               recurrent_mask, d_xw, d_h0)
+                               recurrent_mask, dropout, d_xw, d_h0)
             cuda.syncthreads()
 
     @_kernel
@@ -662,7 +679,7 @@ def _make_kernels(activation, recurrent_activation, lanes):
                             gates, d_outputs, d_xw, d_h0, d_c0, carried)
             cuda.syncthreads()
             _backward_products(t, u_flat, cache, cached_c, first, width, lanes, mask,
-                               recurrent_mask, d_xw, d_h0)
+                               recurrent_mask, dropout, d_xw, d_h0)
             cuda.syncthreads()
 
     @_kernel
@@ -684,7 +701,7 @@ def _make_kernels(activation, recurrent_activation, lanes):
         cuda.syncthreads()
         if t + 1 < T:
             _backward_products(t + 1, u_flat, cache, cached_c, first, width, lanes, mask,
-                               recurrent_mask, d_xw, d_h0)
+                               recurrent_mask, dropout, d_xw, d_h0)
             cuda.syncthreads()
         if t >= 0:
             _backward_cells(t, first, width, mask, act, ract, zero_output_for_mask, c_seq,
@@ -697,14 +714,15 @@ def _make_kernels(activation, recurrent_activation, lanes):
 
 
 @functools.lru_cache(maxsize=None)
-def kernels_for(activation, recurrent_activation, lanes=32):
-    """The kernels for one pair of codes from `gates.ACTIVATION_CODES` and one
-    `lanes`; they compile on first launch."""
+def kernels_for(activation, recurrent_activation, lanes=32, dropout=False):
+    """The kernels for one pair of codes from `gates.ACTIVATION_CODES`, one
+    `lanes` and with or without recurrent dropout; they compile on first
+    launch."""
     codes = set(ACTIVATION_CODES.values())
     if activation not in codes or recurrent_activation not in codes:
         raise ValueError(f"activation codes must be among {sorted(codes)}; received "
                          f"{activation!r} and {recurrent_activation!r}.")
-    return _make_kernels(activation, recurrent_activation, lanes)
+    return _make_kernels(activation, recurrent_activation, lanes, bool(dropout))
 
 
 # ---------------------------------------------------------------------------
@@ -726,12 +744,15 @@ _BACKWARD_SIGNATURE = _LAUNCH_TYPES + (
 
 # Kernel name -> the Numba signatures the host drivers launch it with (the
 # kernels of `kernels_for(TANH, SIGMOID)`: the stock Keras activations, 32
-# lanes, the drivers' default).
+# lanes, the drivers' default; `_dropout` names the recurrent-dropout build).
+_DROPOUT = "_dropout"
 SIGNATURES = {
     "lstm_forward_persistent": (_FORWARD_SIGNATURE,),
+    "lstm_forward_persistent" + _DROPOUT: (_FORWARD_SIGNATURE,),
     "lstm_forward_block": (_FORWARD_SIGNATURE,),
     "lstm_forward_step": ((_I64,) + _FORWARD_SIGNATURE,),
     "lstm_backward_persistent": (_BACKWARD_SIGNATURE,),
+    "lstm_backward_persistent" + _DROPOUT: (_BACKWARD_SIGNATURE,),
     "lstm_backward_block": (_BACKWARD_SIGNATURE,),
     "lstm_backward_step": ((_I64,) + _BACKWARD_SIGNATURE,),
 }
@@ -741,7 +762,9 @@ def kernel_by_name(name, activation=TANH, recurrent_activation=SIGMOID):
     """The kernel called `name` in `SIGNATURES`, for one activation pair."""
     if name not in SIGNATURES:
         raise ValueError(f"name must be one of {sorted(SIGNATURES)}; received {name!r}.")
-    return getattr(kernels_for(activation, recurrent_activation), name)
+    dropout = name.endswith(_DROPOUT)
+    kernels = kernels_for(activation, recurrent_activation, dropout=dropout)
+    return getattr(kernels, name[:-len(_DROPOUT)] if dropout else name)
 
 
 # ---------------------------------------------------------------------------
@@ -798,7 +821,8 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
     c0 = _to_device(c0, "c0", (N, H), f32, stream)
     mask = _mask_or_empty(mask, T, N, stream)
     recurrent_mask = _recurrent_mask_or_empty(recurrent_mask, N, H, stream)
-    kernels = kernels_for(int(activation), int(recurrent_activation), lanes)
+    kernels = kernels_for(int(activation), int(recurrent_activation), lanes,
+                          recurrent_mask.shape[0] > 0)
     outputs = cuda.device_array((T, N, H), f32, stream=stream)
     h_n = cuda.device_array((N, H), f32, stream=stream)
     c_n = cuda.device_array((N, H), f32, stream=stream)
@@ -861,7 +885,8 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
     d_h0 = cuda.device_array((N, H), f32, stream=stream)
     d_c0 = cuda.device_array((N, H), f32, stream=stream)
     carried = _scratch("carried", (N, H), f32, stream)
-    kernels = kernels_for(int(activation), int(recurrent_activation), lanes)
+    kernels = kernels_for(int(activation), int(recurrent_activation), lanes,
+                          recurrent_mask.shape[0] > 0)
     _launch((kernels.lstm_backward_block, kernels.lstm_backward_persistent,
              kernels.lstm_backward_step),
             (recurrent_kernel, recurrent_kernel.reshape(4 * H * H), mask, recurrent_mask,
