@@ -152,7 +152,8 @@ def fused_forward_us(sass, N, H, lanes=LANES):
     l2_bytes = 4 * (4 * H * (H - cached_k) * -(-N // ROWS) + blocks * N * H + 5 * N * H)
     step, bound = _step_us(busy, idle, busy_warps, wavefronts, blocks, l2_bytes)
     return step, dict(
-        bound=bound, units=units, blocks=blocks, cached_k=cached_k, rounds=count, busy_warps=busy_warps,
+        bound=bound, units=units, blocks=blocks, cached_k=cached_k, rounds=count,
+        busy_warps=busy_warps,
         busy_warp_instructions=round(busy))
 
 
@@ -170,7 +171,8 @@ def fused_backward_us(sass, N, H, lanes=LANES):
                     + blocks * N * 4 * H + 12 * N * H)
     step, bound = _step_us(busy, idle, busy_warps, wavefronts, blocks, l2_bytes)
     return step, dict(
-        bound=bound, units=units, blocks=blocks, cached_c=cached_c, rounds=count, busy_warps=busy_warps,
+        bound=bound, units=units, blocks=blocks, cached_c=cached_c, rounds=count,
+        busy_warps=busy_warps,
         busy_warp_instructions=round(busy))
 
 

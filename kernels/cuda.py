@@ -835,7 +835,7 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
              kernels.lstm_forward_step),
             (xw, recurrent_kernel, u_t, h0, c0, mask, recurrent_mask, bool(zero_output_for_mask),
              outputs, h_n, c_n, h_seq, c_seq, gates, h_buf),
-            range(T), N, H, stream, block_size, lanes, units_per_block, cache_floats, single_block,
+            range(T), N, H, stream, block_size, units_per_block, cache_floats, single_block,
             step_launches)
     results = (outputs, h_n, c_n, h_seq, c_seq, gates)
     if on_host:
@@ -892,19 +892,19 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
             (recurrent_kernel, recurrent_kernel.reshape(4 * H * H), mask, recurrent_mask,
              bool(zero_output_for_mask), c_seq, gates, d_outputs, d_h_n, d_c_n, d_xw, d_h0, d_c0,
              carried),
-            range(T - 1, -2, -1), N, H, stream, block_size, lanes, units_per_block, cache_floats, single_block,
-            step_launches)
+            range(T - 1, -2, -1), N, H, stream, block_size, units_per_block, cache_floats,
+            single_block, step_launches)
     results = (d_xw, d_h0, d_c0)
     return _to_host(results, stream) if on_host else results
 
 
-def _launch(kernels, data_args, steps, N, H, stream, block_size, lanes, units_per_block,
+def _launch(kernels, data_args, steps, N, H, stream, block_size, units_per_block,
             cache_floats, single_block, step_launches):
     """Picks the kernel and its grid, checks that the grid fits, and launches.
 
     Args:
         kernels: `(one_block_kernel, cooperative_kernel, step_kernel)`; the
-            first two take `(units, lanes, cache_floats, *data_args)`, the
+            first two take `(units, cache_floats, *data_args)`, the
             step kernel takes the step first.
         steps: the values of t the step kernel is launched with, in order.
     """

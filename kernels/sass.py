@@ -135,7 +135,8 @@ def parse_ptxas_resources(text):
 def parse_nvlink_resources(text, name):
     """Resources of the linked kernel `name` (grid-barrier runtime included), `nvlink -v`."""
     match = re.search(r"Function properties for '[^']*" + re.escape(name) + r"[^']*':\s*\n"
-                      r".*?used (\d+) registers.*?(\d+) stack, (\d+) bytes smem.*?(\d+) bytes lmem",
+                      r".*?used (\d+) registers.*?(\d+) stack, (\d+) bytes smem"
+                      r".*?(\d+) bytes lmem",
                       text)
     if not match:
         raise RuntimeError(f"no resource line for {name} in nvlink's output:\n{text}")

@@ -10,7 +10,8 @@ import pytest
 
 from fusedlstm import LSTM, gpu_policy
 
-MODEL_TABLE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu-model-h100.json"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+MODEL_TABLE = RESULTS / "gpu-model-h100.json"
 GPU_CALL = gpu_policy.Call(
     backend="tensorflow", on_gpu=True, activation="tanh", recurrent_activation="sigmoid",
     use_bias=True, recurrent_dropout=0.0, training=False, has_mask=False,
