@@ -77,6 +77,18 @@ def test_ptxas_resource_lines_are_parsed():
         "stack_frame_bytes": 16}
 
 
+def test_nvlink_resource_lines_are_parsed_for_the_named_kernel():
+    text = ("nvlink info    : Function properties for 'cudaCGSynchronize':\n"
+            "nvlink info    : used 16 registers, used 1 barriers, 0 stack, 3080 bytes smem, "
+            "656 bytes cmem[0], 0 bytes lmem\n"
+            "nvlink info    : Function properties for '_ZN6kernel3fwdE':\n"
+            "nvlink info    : used 120 registers, used 1 barriers, 64 stack, 49152 bytes smem, "
+            "1656 bytes cmem[0], 0 bytes lmem")
+    assert sass.parse_nvlink_resources(text, "fwd") == {
+        "linked_registers": 120, "linked_stack_bytes": 64, "shared_bytes": 49152,
+        "local_bytes": 0}
+
+
 def test_loops_are_found_from_backward_branches():
     code = [(0, None, "MOV R1, RZ"), (16, ".L_x_1", "FFMA R2, R3, R4, R2"),
             (32, ".L_x_2", "LDS R3, [R5]"), (48, None, "FFMA R2, R3, R3, R2"),
