@@ -19,5 +19,6 @@ setup(
         "cuda": ["numba-cuda[cu13]>=0.30"],
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "h5py", "scipy", "threadpoolctl"],
         "cli": ["matplotlib", "statsmodels"],
+        "sass": ["nvidia-cuda-nvcc>=13", "nvidia-cuda-runtime>=13", "nvidia-cuda-nvdisasm>=13"],
     },
 )

@@ -7,6 +7,7 @@ import keras
 from keras import activations
 from keras import ops
 
+from fusedlstm import gpu_policy
 from fusedlstm import ops as fused_ops
 from fusedlstm.kernels.gates import ACTIVATION_CODES
 from fusedlstm.kernels.select import KERNEL_ENV
@@ -46,7 +47,10 @@ class LSTM(keras.layers.LSTM):
     precision (variables in float32, the kernel computing in float32, outputs
     in the policy's compute dtype). When a condition fails, `use_fused="auto"`
     warns once and runs the stock loop; `use_fused=True` raises a
-    `ValueError` naming the reason.
+    `ValueError` naming the reason. On a GPU, `"auto"` runs fused only where
+    the stock layer would leave cuDNN (masks other than right-padded,
+    recurrent dropout, activations cuDNN lacks) or where the performance
+    model predicts a win, and cuDNN elsewhere (rule: `fusedlstm.gpu_policy`).
 
     On TensorFlow and PyTorch the kernel is a Python callback, so the layer
     sets `supports_jit = False` and Keras runs the model without XLA. On JAX
@@ -194,6 +198,9 @@ class LSTM(keras.layers.LSTM):
             return super().inner_loop(sequences, initial_state, mask, training=training)
         if not self._fused_enabled():
             self._warn_fallback_once()
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+        if self.use_fused == "auto" and not gpu_policy.fused_on_auto(
+                gpu_policy.call_of(self, sequences, mask, training)):
             return super().inner_loop(sequences, initial_state, mask, training=training)
         if isinstance(mask, (list, tuple)):
             mask = mask[0]

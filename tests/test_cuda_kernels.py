@@ -6,16 +6,15 @@
    as a script in a subprocess under the simulator; the script runs every case
    and prints one JSON line of measured errors, and the tests assert them
    against `kernels.cpu` and the float64 reference. Cases use tiny blocks so
-   that small inputs span several thread groups, and one-block launches: the
-   simulator runs blocks one after another and its grid barrier is a block
-   barrier, so only the transpose kernel (no grid barrier) runs multi-block.
-2. PTX. The one-block kernels compile for sm_90 without a device; they share
-   every device function with the cooperative kernels, which need a device to
-   compile (numba-cuda asks the driver while compiling the grid barrier), so
-   only the barrier itself goes unchecked. Their PTX must hold no float64
-   instruction and no local memory.
-3. GPU. Multi-block cooperative launches against the CPU kernels, skipped
+   that small inputs span several thread groups. The simulator runs blocks
+   one after another and its grid barrier is a block barrier, so cooperative
+   launches run one block; multi-block cases use `step_launches=True` (one
+   launch per step, the same device functions), with small weight caches so
+   that part of the weights streams and H > 128 so that rows stage in chunks.
+2. GPU. Multi-block cooperative launches against the CPU kernels, skipped
    without a device.
+
+The SASS of every kernel is checked offline by `test_cuda_sass.py`.
 """
 
 import json
@@ -32,7 +31,7 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from numba import config, cuda, types  # noqa: E402
+from numba import config, cuda  # noqa: E402
 
 import reference  # noqa: E402
 from fusedlstm.kernels import cpu  # noqa: E402
@@ -67,6 +66,16 @@ CASES = {
         T=3, N=5, H=31, dropout=True,
         launch=dict(single_block=False, block_size=64, lanes=32, cache_floats=1000)),
     "T1_N1_auto_launch": dict(T=1, N=1, H=3, launch=dict(block_size=8, lanes=4)),
+    "multiblock_streamed_dropout": dict(
+        T=4, N=9, H=37, mask="ragged", dropout=True,
+        launch=dict(step_launches=True, units_per_block=8, cache_floats=640, block_size=32,
+                    lanes=8)),
+    "multiblock_cached_zero_output": dict(
+        T=3, N=5, H=24, mask="ragged", zero_output=True,
+        launch=dict(step_launches=True, units_per_block=5, block_size=16, lanes=4)),
+    "multiblock_chunked_rows": dict(
+        T=2, N=2, H=130, launch=dict(step_launches=True, units_per_block=65, block_size=32,
+                                     lanes=32, cache_floats=4000)),
 }
 
 
@@ -78,19 +87,19 @@ def _case_inputs(T, N, H, mask=None, dropout=False, seed=0, **_):
     rng = np.random.default_rng(seed)
     f32 = np.float32
     inputs = dict(
-        xw=rng.standard_normal((T, N, 4 * H)).astype(f32),
+        xw=rng.standard_normal((N, T, 4 * H)).astype(f32),
         recurrent_kernel=(rng.standard_normal((H, 4 * H)) / np.sqrt(H)).astype(f32),
         h0=rng.standard_normal((N, H)).astype(f32),
         c0=rng.standard_normal((N, H)).astype(f32),
         mask=None, recurrent_mask=None,
-        d_outputs=rng.standard_normal((T, N, H)).astype(f32),
+        d_outputs=rng.standard_normal((N, T, H)).astype(f32),
         d_h_n=rng.standard_normal((N, H)).astype(f32),
         d_c_n=rng.standard_normal((N, H)).astype(f32))
     if mask == "ragged":
-        m = np.ones((T, N), bool)
+        m = np.ones((N, T), bool)
         patterns = (np.arange(T) >= 2, np.arange(T) % 2 == 0, np.zeros(T, bool))
         for n, pattern in zip(range(1, N), patterns):  # left padding, holes, fully masked
-            m[:, n] = pattern
+            m[n] = pattern
         inputs["mask"] = m
     if dropout:
         keep = rng.random((4, N, H)) > 0.3
@@ -126,21 +135,20 @@ def _run_case(kernels, case):
     # kernel makes its input projection `xw` itself.
     H = case["H"]
     ref_out, ref_h, ref_c, tape = reference.lstm_forward(
-        x["xw"].transpose(1, 0, 2), np.eye(4 * H), x["recurrent_kernel"], None,
-        h0=x["h0"], c0=x["c0"], mask=None if x["mask"] is None else x["mask"].T,
+        x["xw"], np.eye(4 * H), x["recurrent_kernel"], None,
+        h0=x["h0"], c0=x["c0"], mask=x["mask"],
         recurrent_masks=x["recurrent_mask"], activation=act_name,
         recurrent_activation=ract_name, zero_output_for_mask=zero_output)
     ref_grads = reference.lstm_backward(
-        tape, x["d_outputs"].transpose(1, 0, 2), x["d_h_n"], x["d_c_n"], activation=act_name,
+        tape, x["d_outputs"], x["d_h_n"], x["d_c_n"], activation=act_name,
         recurrent_activation=ract_name, zero_output_for_mask=zero_output)
 
     return {
         "cpu_states": _max_errors((outputs, h_n, c_n) + tuple(saved), want[:3] + want[3]),
         "cpu_grads": _max_errors(grads, want_grads),
-        "ref_states": _max_errors((outputs.transpose(1, 0, 2), h_n, c_n),
-                                  (ref_out, ref_h, ref_c)),
+        "ref_states": _max_errors((outputs, h_n, c_n), (ref_out, ref_h, ref_c)),
         "ref_grads": _max_errors(
-            (grads[0].transpose(1, 0, 2), grads[1], grads[2]),
+            (grads[0], grads[1], grads[2]),
             (ref_grads["x"], ref_grads["h0"], ref_grads["c0"])),
         "inference_vs_training": _max_errors(inference[:3], (outputs, h_n, c_n)),
         "inference_saved_is_none": inference[3] is None,
@@ -216,14 +224,6 @@ def _device_array_run(kernels):
     }
 
 
-def _transpose_multiblock(kernels):
-    """The transpose kernel over a 2 x 2 grid of 32 x 2 blocks, several tiles each."""
-    a = np.random.default_rng(1).standard_normal((40, 70)).astype(np.float32)
-    out = np.zeros((70, 40), np.float32)
-    kernels.transpose[(2, 2), (32, 2)](a, out)
-    return float(np.max(np.abs(out - a.T)))
-
-
 def _selected_under_cuda_switch():
     from fusedlstm.kernels import cuda as cuda_kernels
     from fusedlstm.kernels.select import select_kernels
@@ -239,7 +239,6 @@ def _run_simulator_suite():
         "cases": {name: _run_case(cuda_kernels, case) for name, case in CASES.items()},
         "validation": _validation_messages(cuda_kernels),
         "device_arrays": _device_array_run(cuda_kernels),
-        "transpose_error": _transpose_multiblock(cuda_kernels),
         "cuda_switch_selects_cuda": _selected_under_cuda_switch(),
     }
 
@@ -277,11 +276,11 @@ def test_simulated_kernels_match_cpu_and_reference(simulated, name):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("xw_rank", "xw must have shape [T, N, 4H] with H >= 1; received [3, 20]"),
-    ("xw_not_4h", "xw must have shape [T, N, 4H] with H >= 1; received [2, 3, 7]"),
+    ("xw_rank", "xw must have shape [N, T, 4H] with H >= 1; received [2, 20]"),
+    ("xw_not_4h", "xw must have shape [N, T, 4H] with H >= 1; received [3, 2, 7]"),
     ("recurrent_kernel_shape", "recurrent_kernel must have shape [5, 20]; received [5, 8]"),
     ("h0_shape", "h0 must have shape [3, 5]; received [2, 5]"),
-    ("mask_shape", "mask must have shape [2, 3]; received [3, 3]"),
+    ("mask_shape", "mask must have shape [3, 2]; received [3, 3]"),
     ("recurrent_mask_shape", "recurrent_mask must have shape [4, 3, 5]; received [4, 3, 4]"),
     ("device_dtype", "xw must be float32 on the device; received float64"),
     ("device_layout", "recurrent_kernel must be C-contiguous"),
@@ -291,7 +290,7 @@ def test_simulated_kernels_match_cpu_and_reference(simulated, name):
     ("units_per_block", "units_per_block must be >= 1; received 0"),
     ("too_many_blocks", "units_per_block=2 needs 3 blocks for H=5, but a cooperative launch"),
     ("single_block_units", "single_block=True needs units_per_block >= H=5"),
-    ("backward_without_saved", "saved must be the (h_seq, c_seq, gates)"),
+    ("backward_without_saved", "saved must be the (h_in, c_seq, gates)"),
 ])
 def test_simulated_driver_rejects_bad_input(simulated, name, expected):
     message = simulated["validation"][name]
@@ -302,10 +301,6 @@ def test_simulated_device_arrays_stay_on_device(simulated):
     result = simulated["device_arrays"]
     assert result["returns_device_arrays"]
     assert result["max_error"] == 0.0
-
-
-def test_simulated_transpose_runs_multiblock(simulated):
-    assert simulated["transpose_error"] == 0.0
 
 
 def test_simulated_cuda_switch_runs_cuda_kernels_on_cpu_data(simulated):
@@ -338,49 +333,21 @@ def test_select_kernels_rejects_unknown_value(monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# PTX for sm_90, compiled without a device.
-
-
-def _array(ndim, dtype=types.float32):
-    return types.Array(dtype, ndim, "C")
-
-
-_I64, _BOOL = types.int64, types.boolean
-_LAUNCH = (_I64, _I64, _I64)  # units, lanes, cache_floats
-_FORWARD_SIGNATURE = _LAUNCH + (
-    _array(3), _array(2), _array(2), _array(2), _array(2, _BOOL), _array(3), _I64, _I64, _BOOL,
-    _array(3), _array(2), _array(2), _array(3), _array(3), _array(3), _array(3))
-_BACKWARD_SIGNATURE = _LAUNCH + (
-    _array(2), _array(2, _BOOL), _array(3), _I64, _I64, _BOOL, _array(3), _array(3), _array(3),
-    _array(2), _array(2), _array(3), _array(2), _array(2), _array(2))
-
-
-@pytest.mark.skipif(SIMULATED, reason="the simulator compiles no PTX")
-@pytest.mark.parametrize("name, signature", [
-    ("lstm_forward_block", _FORWARD_SIGNATURE),
-    ("lstm_backward_block", _BACKWARD_SIGNATURE),
-    ("transpose", (_array(2), _array(2))),
-])
-def test_ptx_has_no_float64_and_no_local_memory(name, signature):
-    from fusedlstm.kernels import cuda as cuda_kernels
-
-    kernel = getattr(cuda_kernels, name)
-    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0),
-                              launch_bounds=kernel.targetoptions.get("launch_bounds"))
-    assert ptx.count(".f64") == 0
-    assert ".local" not in ptx, "accumulators spilled to local memory"
-
-
-# ---------------------------------------------------------------------------
 # The GPU script.
 
 
-def test_gpu_benchmark_script_help():
-    script = ROOT / "benchmarks" / "gpu_kernels.py"
-    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
-                          text=True, timeout=120)
+@pytest.mark.parametrize("command, options", [
+    ("kernels", ("--small", "--skip-sanitizers", "--out")),
+    ("layer", ("--batches", "--skip-training", "--out")),
+    ("all", ("--small", "--batches", "--repeats")),
+])
+def test_gpu_benchmark_script_help(command, options):
+    script = ROOT / "benchmarks" / "gpu.py"
+    done = subprocess.run([sys.executable, str(script), command, "--help"],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "--small" in done.stdout and "--out" in done.stdout
+    for option in options:
+        assert option in done.stdout
 
 
 # ---------------------------------------------------------------------------
