@@ -74,8 +74,8 @@ CASES = {
         T=3, N=5, H=24, mask="ragged", zero_output=True,
         launch=dict(step_launches=True, units_per_block=5, block_size=16, lanes=4)),
     "multiblock_chunked_rows": dict(
-        T=2, N=2, H=130, launch=dict(step_launches=True, units_per_block=65, block_size=32,
-                                     lanes=32, cache_floats=4000)),
+        T=2, N=2, H=130, launch=dict(step_launches=True, units_per_block=65, block_size=64,
+                                     lanes=16, cache_floats=4000)),
 }
 
 
