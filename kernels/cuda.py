@@ -730,15 +730,14 @@ def kernels_for(activation, recurrent_activation, lanes=32, dropout=False):
 @_kernel
 def swap_leading_axes(src, dst):
     """dst[b, a, k] = src[a, b, k]: the drivers' batch-major [N, T, K] arrays to the
-    kernels' time-major [T, N, K] ones and back (a grid-stride loop)."""
+    kernels' time-major [T, N, K] ones and back. Blocks stride over the rows (a, b),
+    threads over k: one division per row, coalesced loads and stores."""
     A, B, K = src.shape
-    total = A * B * K
-    for index in range(cuda.grid(1), total, cuda.gridsize(1)):
-        a = index // (B * K)
-        rest = index - a * (B * K)
-        b = rest // K
-        k = rest - b * K
-        dst[b, a, k] = src[a, b, k]
+    for row in range(cuda.blockIdx.x, A * B, cuda.gridDim.x):
+        a = row // B
+        b = row - a * B
+        for k in range(cuda.threadIdx.x, K, cuda.blockDim.x):
+            dst[b, a, k] = src[a, b, k]
 
 
 # ---------------------------------------------------------------------------
@@ -1118,7 +1117,7 @@ def _swap_leading(array, stream):
     K = int(np.prod(rest, dtype=np.int64))
     swapped = cuda.device_array((B, A) + rest, array.dtype, stream=stream)
     if A * B * K:
-        blocks = min(_SWAP_MAX_BLOCKS, -(-A * B * K // _SWAP_THREADS))
+        blocks = min(_SWAP_MAX_BLOCKS, A * B)
         swap_leading_axes[blocks, _SWAP_THREADS, stream](array.reshape(A, B, K),
                                                          swapped.reshape(B, A, K))
     return swapped

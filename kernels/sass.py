@@ -287,11 +287,17 @@ def report(signatures=None, cc=ARCH):
     kernels = {}
     for name, sigs in signatures.items():
         kernel = cuda_kernels.kernel_by_name(name)
-        for index, signature in enumerate(sigs):
-            key = name if len(sigs) == 1 else f"{name}[{index}]"
+        for key, signature in zip(report_keys({name: sigs}), sigs):
             kernels[key] = kernel_report(kernel, signature, cc)
     return {"arch": f"sm_{cc[0]}{cc[1]}", "machine": machine(), "tools": tool_versions(),
             "kernels": kernels}
+
+
+def report_keys(signatures):
+    """The report's name for each kernel and signature: the kernel's name, with
+    `[index]` after it when it has several signatures."""
+    return [name if len(sigs) == 1 else f"{name}[{index}]"
+            for name, sigs in signatures.items() for index in range(len(sigs))]
 
 
 def machine():
