@@ -1,3 +1,17 @@
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules that set `BACKEND_INDEPENDENT = True` test no Keras backend (the
+    kernels, alone or in the CUDA simulator): CI's TensorFlow pass runs them, the
+    PyTorch and JAX passes skip them instead of running them twice more."""
+    if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason="backend-independent: runs in the TensorFlow pass")
+    for item in items:
+        if getattr(item.module, "BACKEND_INDEPENDENT", False):
+            item.add_marker(skip)

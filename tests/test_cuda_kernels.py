@@ -33,6 +33,8 @@ if str(TESTS) not in sys.path:
 
 from numba import config, cuda  # noqa: E402
 
+BACKEND_INDEPENDENT = True  # see conftest.py
+
 import reference  # noqa: E402
 from fusedlstm.kernels import cpu  # noqa: E402
 from fusedlstm.kernels.gates import ACTIVATION_CODES  # noqa: E402

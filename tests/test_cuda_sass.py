@@ -12,6 +12,8 @@ from numba import config
 from fusedlstm.kernels import cuda as cuda_kernels
 from fusedlstm.kernels import sass
 
+BACKEND_INDEPENDENT = True  # see conftest.py
+
 if config.ENABLE_CUDASIM:
     pytest.skip("the CUDA simulator compiles no PTX", allow_module_level=True)
 try:

@@ -14,6 +14,8 @@ from fusedlstm.kernels import gates
 from fusedlstm.kernels import threads
 from fusedlstm.kernels.tile import LANES, make_tile
 
+BACKEND_INDEPENDENT = True  # see conftest.py
+
 _compiled = gates.compile_gates(njit)
 _activate = _compiled.activate
 
