@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+from machine import summary
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 FRAMEWORKS = ("fusedlstm", "keras")
 
@@ -25,12 +27,6 @@ def run_framework(framework, out_dir, select):
                    env={**os.environ, "KERAS_BACKEND": "jax"})
     with open(path) as f:
         return json.load(f)
-
-
-def cpu_model():
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return names[0] if names else "unknown CPU"
 
 
 def medians_ms(runs):
@@ -63,11 +59,9 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     runs = [run_framework(name, args.out, args.select) for name in FRAMEWORKS]
-    info = runs[0]["machine_info"]
+    facts = runs[0]["machine_info"]["facts"]
     extra = runs[0]["benchmarks"][0]["extra_info"]
-    machine = (f"{cpu_model()}, {info['cores']} cores, Python {info['python']}, "
-               f"NumPy {info['numpy']}, Numba {info['numba']}, keras {extra['keras']}, "
-               f"jax {extra['jax']}")
+    machine = f"{summary(facts)}, jax {extra['jax']}"
     table = medians_ms(runs)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     with open(os.path.join(args.out, f"jax-{stamp}.json"), "w") as f:
