@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from machine import summary
+from run_cpu import medians_ms
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FRAMEWORKS = ("fusedlstm", "keras")
@@ -27,17 +28,6 @@ def run_framework(framework, out_dir, select):
                    env={**os.environ, "KERAS_BACKEND": "jax"})
     with open(path) as f:
         return json.load(f)
-
-
-def medians_ms(runs):
-    """{(shape, mode, case): {framework: median ms}} from pytest-benchmark JSONs."""
-    table = {}
-    for run in runs:
-        for bench in run["benchmarks"]:
-            info = bench["extra_info"]
-            key = (info["shape"], info["mode"], info["case"])
-            table.setdefault(key, {})[info["framework"]] = bench["stats"]["median"] * 1e3
-    return table
 
 
 def markdown_table(table, machine):

@@ -1,8 +1,10 @@
 import os
 
-import pytest
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+import fusedlstm.ops  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -15,3 +17,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if getattr(item.module, "BACKEND_INDEPENDENT", False):
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls (traces, under jit) that reach the fused op."""
+    calls = []
+    original = fusedlstm.ops.lstm_sequence
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fusedlstm.ops, "lstm_sequence", counting)
+    return calls

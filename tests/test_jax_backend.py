@@ -42,19 +42,6 @@ CONFIG = fusedlstm.ops.RecurrenceConfig(
     zero_output_for_mask=False, training=True)
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the calls (traces, under jit) that reach the fused op."""
-    calls = []
-    original = fusedlstm.ops.lstm_sequence
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(fusedlstm.ops, "lstm_sequence", counting)
-    return calls
-
 
 def op_arguments(rng, steps=6, batch=4, features=3, units=5, masked=True):
     """Arguments of `ops_jax.lstm_sequence` after the config, as NumPy arrays."""

@@ -26,19 +26,6 @@ GOLDEN_INIT = {
 }
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the calls that reach the fused op."""
-    calls = []
-    original = fusedlstm.ops.lstm_sequence
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(fusedlstm.ops, "lstm_sequence", counting)
-    return calls
-
 
 @pytest.mark.parametrize("kwargs,expected", [
     ({}, [0.6288687, 0.86899155, 0.9460773]),
