@@ -82,7 +82,8 @@ def test_main_job_reports_environment_parity_and_timings(tmp_path):
         assert f"PASS  {name} " in out
     assert "FAIL" not in out
     assert "forward (training=False)" in out and "training step" in out
-    table_rows = [line.split() for line in out.splitlines() if line.endswith("x")]
+    table_rows = [line.split() for line in out.splitlines()
+                  if line.endswith("x") and line.split()[0].isdigit()]
     assert [row[:4] for row in table_rows] == [["2", "5", "3", "4"], ["1", "3", "2", "2"]]
     assert all(len(row) == 10 for row in table_rows)
 
