@@ -21,6 +21,7 @@ never overridden.
 import bisect
 import dataclasses
 
+import keras
 import numpy as np
 
 # Largest modelled batch at which the model predicts the fused forward step
@@ -119,8 +120,8 @@ def _right_padded(mask):
     if isinstance(mask, (list, tuple)):
         mask = mask[0]
     try:
-        values = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask, bool)
-    except (TypeError, ValueError, NotImplementedError, AttributeError):
+        values = np.asarray(keras.ops.convert_to_numpy(mask), bool)
+    except (TypeError, ValueError, NotImplementedError, AttributeError, RuntimeError):
         return False
     if values.ndim != 2:
         return False
