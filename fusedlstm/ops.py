@@ -37,7 +37,7 @@ class RecurrenceConfig:
 
 def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
                   recurrent_mask, config):
-    """Runs the fused LSTM over a time-major sequence on the active Keras backend.
+    """Runs the fused LSTM over a batch-major sequence on the active Keras backend.
 
     Args:
         x: [N, T, C] float32 inputs (batch-major), in the order the steps run.
