@@ -10,12 +10,11 @@ fastest library needs for the same FLOPs (target: 1.3x at S2 and S3).
     python benchmarks/kernel_report.py [--out benchmarks/results] [-k EXPR]
 """
 
-import argparse
 import json
 import os
 
 import machine
-from suite import HERE, machine_facts, run_suite
+from suite import machine_facts, run_suite, runner_arguments
 
 GEMM_TARGET = 1.3
 GEMMS_BY_MODE = {"fwd": ("forward",), "train": ("forward", "backward_dh")}
@@ -131,11 +130,7 @@ def gemm_markdown(gemms, kernels):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("-k", dest="select", default=None, help="pytest -k expression")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    args = runner_arguments(__doc__)
     runs = {
         "breakdown": run_suite("test_cpu_breakdown.py", "fusedlstm",
                                os.path.join(args.out, "raw-breakdown.json"), args.select),

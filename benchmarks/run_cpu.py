@@ -4,13 +4,12 @@ writes the merged JSON, a Markdown table and a PNG chart.
     python benchmarks/run_cpu.py [--out benchmarks/results] [-k EXPR]
 """
 
-import argparse
 import datetime
 import json
 import os
 
 import machine
-from suite import HERE, machine_facts, run_suite
+from suite import machine_facts, run_suite, runner_arguments
 
 FRAMEWORKS = ("fusedlstm", "keras", "torch")
 # Cases where the stock layer leaves its fast path: the fused layer must take at
@@ -99,11 +98,7 @@ def chart(table, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("-k", dest="select", default=None, help="pytest -k expression")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    args = runner_arguments(__doc__)
     runs = {name: run_suite("test_cpu_lstm.py", name,
                             os.path.join(args.out, f"raw-{name}.json"), args.select)
             for name in FRAMEWORKS}

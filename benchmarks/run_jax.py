@@ -4,30 +4,15 @@ the merged JSON and a Markdown table to `jax-<date>.json` / `.md`.
     python benchmarks/run_jax.py [--out benchmarks/results] [-k EXPR]
 """
 
-import argparse
 import datetime
 import json
 import os
-import subprocess
-import sys
 
 from machine import summary
 from run_cpu import medians_ms
+from suite import run_suite, runner_arguments
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 FRAMEWORKS = ("fusedlstm", "keras")
-
-
-def run_framework(framework, out_dir, select):
-    path = os.path.join(out_dir, f"raw-jax-{framework}.json")
-    command = [sys.executable, "-m", "pytest", os.path.join(HERE, "test_jax_lstm.py"),
-               f"--framework={framework}", f"--benchmark-json={path}", "-q", "-p", "no:randomly"]
-    if select:
-        command += ["-k", select]
-    subprocess.run(command, check=True, cwd=os.path.dirname(HERE),
-                   env={**os.environ, "KERAS_BACKEND": "jax"})
-    with open(path) as f:
-        return json.load(f)
 
 
 def markdown_table(table, machine):
@@ -43,12 +28,10 @@ def markdown_table(table, machine):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("-k", dest="select", default=None, help="pytest -k expression")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    runs = [run_framework(name, args.out, args.select) for name in FRAMEWORKS]
+    args = runner_arguments(__doc__)
+    runs = [run_suite("test_jax_lstm.py", name, os.path.join(args.out, f"raw-jax-{name}.json"),
+                      args.select, keras_backend="jax")
+            for name in FRAMEWORKS]
     facts = runs[0]["machine_info"]["facts"]
     extra = runs[0]["benchmarks"][0]["extra_info"]
     machine = f"{summary(facts)}, jax {extra['jax']}"

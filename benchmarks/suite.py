@@ -1,6 +1,7 @@
 """Runs one pytest-benchmark suite for one framework in a process of its own and
 reads back its JSON (TensorFlow's and torch's thread pools would compete)."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -9,8 +10,19 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_suite(test_file, framework, json_path, select=None):
-    """Runs `test_file` with `--framework framework`, keeping `-k select` tests.
+def runner_arguments(doc):
+    """The arguments every runner takes (`--out`, `-k`), with `--out` created."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("-k", dest="select", default=None, help="pytest -k expression")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    return args
+
+
+def run_suite(test_file, framework, json_path, select=None, keras_backend=None):
+    """Runs `test_file` with `--framework framework`, keeping `-k select` tests,
+    on `keras_backend` when given (else the environment's).
 
     Returns:
         The pytest-benchmark JSON as a dict.
@@ -20,7 +32,8 @@ def run_suite(test_file, framework, json_path, select=None):
                "-p", "no:randomly"]
     if select:
         command += ["-k", select]
-    subprocess.run(command, check=True, cwd=os.path.dirname(HERE))
+    env = dict(os.environ, KERAS_BACKEND=keras_backend) if keras_backend else None
+    subprocess.run(command, check=True, cwd=os.path.dirname(HERE), env=env)
     with open(json_path) as f:
         return json.load(f)
 
