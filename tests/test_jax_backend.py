@@ -12,12 +12,6 @@ CUDA simulator in a subprocess).
     KERAS_BACKEND=jax python -m pytest tests/test_jax_backend.py -q
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
@@ -33,7 +27,7 @@ import fusedlstm.ops
 from fusedlstm import layer as fused_layer
 from fusedlstm import ops_jax
 from fusedlstm.kernels.gates import ACTIVATION_CODES
-from helpers import make_mask, make_pair, run_with_grads
+from helpers import make_mask, make_pair, run_with_grads, simulated_cuda_errors
 
 OUTPUT_ATOL = 1e-5
 GRAD_ATOL = 1e-4
@@ -143,43 +137,8 @@ def test_host_route_matches_the_custom_calls(monkeypatch, masked):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
-SIMULATOR_SCRIPT = """
-import json
-import numpy as np
-from helpers import make_mask, make_pair, run_with_grads
-from fusedlstm.kernels.select import select_kernels
-
-assert select_kernels(data_on_gpu=False).__name__ == "fusedlstm.kernels.cuda"
-rng = np.random.default_rng(0)
-cases = {
-    "states": ({"return_state": True}, {"training": True, "initial_state": True}),
-    "masked_dropouts": ({"dropout": 0.3, "recurrent_dropout": 0.4, "seed": 2,
-                         "return_sequences": True}, {"training": True, "mask": True}),
-}
-errors = {}
-for case, (kwargs, options) in cases.items():
-    stock, fused = make_pair(units=3, **kwargs)
-    x = rng.standard_normal((3, 4, 4)).astype("float32")
-    call = {"training": options["training"]}
-    if options.get("mask"):
-        call["mask"] = make_mask("holes", 3, 4, rng)
-    if options.get("initial_state"):
-        call["initial_state"] = [rng.standard_normal((3, 3)).astype("float32") for _ in "hc"]
-    stock_out, stock_grads = run_with_grads(stock, x, **call)
-    fused_out, fused_grads = run_with_grads(fused, x, **call)
-    errors[case] = [max(float(np.abs(f - s).max()) for f, s in zip(fused_out, stock_out)),
-                    max(float(np.abs(fused_grads[k] - g).max()) for k, g in stock_grads.items())]
-print(json.dumps(errors))
-"""
-
-
 def test_cuda_kernel_branch_in_the_simulator():
-    env = dict(os.environ, KERAS_BACKEND="jax", FUSEDLSTM_KERNEL="cuda",
-               NUMBA_ENABLE_CUDASIM="1", TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-c", SIMULATOR_SCRIPT], capture_output=True,
-                            text=True, env=env, cwd=Path(__file__).parent, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    errors = simulated_cuda_errors("jax", ["saved", "masked_dropouts"])
     for case, (output_error, grad_error) in errors.items():
         assert output_error <= OUTPUT_ATOL, case
         assert grad_error <= GRAD_ATOL, case

@@ -13,12 +13,6 @@ simulator, in a subprocess.
     KERAS_BACKEND=torch python -m pytest tests/test_torch_backend.py -q
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
@@ -31,7 +25,7 @@ import torch
 import fusedlstm
 from fusedlstm import ops as fused_ops
 from fusedlstm import ops_torch
-from helpers import make_mask, make_pair, run_with_grads
+from helpers import make_mask, make_pair, run_with_grads, simulated_cuda_errors
 
 OUTPUT_ATOL = 1e-5
 GRAD_ATOL = 1e-4
@@ -137,45 +131,8 @@ def test_fit_one_epoch_matches_stock_model():
     assert_all_close(weights[1], weights[0], GRAD_ATOL, "weight after one epoch")
 
 
-SIMULATOR_SCRIPT = """
-import json
-import numpy as np
-from helpers import make_mask, make_pair, run_with_grads
-from test_torch_backend import random_inputs
-from fusedlstm.kernels.select import select_kernels
-
-assert select_kernels(data_on_gpu=False).__name__ == "fusedlstm.kernels.cuda"
-rng = np.random.default_rng(0)
-cases = {
-    "saved": ({"return_state": True}, {"training": True, "initial_state": True}),
-    "recomputed": ({"return_sequences": True}, {"training": False}),
-    "masked_dropouts": ({"dropout": 0.3, "recurrent_dropout": 0.4, "seed": 2,
-                         "return_sequences": True}, {"training": True, "mask": True}),
-}
-errors = {}
-for case, (kwargs, options) in cases.items():
-    stock, fused = make_pair(units=3, **kwargs)
-    x = random_inputs(rng, 3, 4, 4)
-    call = {"training": options["training"]}
-    if options.get("mask"):
-        call["mask"] = make_mask("holes", 3, 4, rng)
-    if options.get("initial_state"):
-        call["initial_state"] = [rng.standard_normal((3, 3)).astype("float32") for _ in "hc"]
-    stock_out, stock_grads = run_with_grads(stock, x, **call)
-    fused_out, fused_grads = run_with_grads(fused, x, **call)
-    errors[case] = [max(float(np.abs(f - s).max()) for f, s in zip(fused_out, stock_out)),
-                    max(float(np.abs(fused_grads[k] - g).max()) for k, g in stock_grads.items())]
-print(json.dumps(errors))
-"""
-
-
 def test_cuda_kernel_branch_in_the_simulator():
-    env = dict(os.environ, KERAS_BACKEND="torch", FUSEDLSTM_KERNEL="cuda",
-               NUMBA_ENABLE_CUDASIM="1", TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-c", SIMULATOR_SCRIPT], capture_output=True,
-                            text=True, env=env, cwd=Path(__file__).parent, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    errors = simulated_cuda_errors("torch", ["saved", "recomputed", "masked_dropouts"])
     for case, (output_error, grad_error) in errors.items():
         assert output_error <= OUTPUT_ATOL, case
         assert grad_error <= GRAD_ATOL, case
