@@ -32,19 +32,20 @@ class _Announcer(event.Listener):
 
 
 @contextlib.contextmanager
-def on_first_compile(kernel, activation, recurrent_activation, cache_path):
+def on_first_compile(direction, activation, recurrent_activation, dispatcher):
     """Announces, once per process, a compile that starts inside the block.
 
     Args:
-        kernel: what is compiled, e.g. "forward".
+        direction: what is compiled, e.g. "forward".
         activation, recurrent_activation: the codes it is compiled for.
-        cache_path: where Numba caches it.
+        dispatcher: the Numba dispatcher, whose cache location is named.
     """
     if _announced.is_set():
         yield
         return
+    cache_path = dispatcher.stats.cache_path
     message = (
-        f"fusedlstm: compiling the CPU {kernel} kernel for activation="
+        f"fusedlstm: compiling the CPU {direction} kernel for activation="
         f"{_NAMES[activation]!r}, recurrent_activation={_NAMES[recurrent_activation]!r} "
         f"(first use on this machine, a few seconds; cached in {cache_path}). "
         "`python -m fusedlstm compile` does this ahead of time.")

@@ -315,7 +315,6 @@ def backward_steps(r0, r1, packed_t, mask, recurrent_mask, activation, recurrent
     _copy(d_c0[r0:r1], dc)
 
 
-
 @functools.lru_cache(maxsize=None)
 def block_kernels(activation, recurrent_activation):
     """`(forward_block, backward_block)`: `forward_steps` and `backward_steps` for
@@ -365,10 +364,7 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
         _f32(xw), packed, _f32(h0), _f32(c0), _mask_or_empty(mask, N),
         _recurrent_mask_or_empty(recurrent_mask, N, H), bool(zero_output_for_mask),
         outputs, h_n, c_n, h_in, c_seq, gates)
-    kernel = block_kernels(int(activation), int(recurrent_activation))[0]
-    with compile_notice.on_first_compile("forward", activation, recurrent_activation,
-                                          kernel.stats.cache_path):
-        run_blocks(kernel, arguments, N, T * 8 * H * H)
+    _run_kernel("forward", activation, recurrent_activation, arguments, N, T * 8 * H * H)
     saved = (h_in, c_seq, gates) if training else None
     return outputs, h_n, c_n, saved
 
@@ -390,11 +386,17 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
         pack_backward(_f32(recurrent_kernel)), _mask_or_empty(mask, N),
         _recurrent_mask_or_empty(recurrent_mask, N, H), bool(zero_output_for_mask), c_seq,
         gates, _f32(d_outputs), _f32(d_h_n), _f32(d_c_n), d_xw, d_h0, d_c0)
-    kernel = block_kernels(int(activation), int(recurrent_activation))[1]
-    with compile_notice.on_first_compile("backward", activation, recurrent_activation,
-                                          kernel.stats.cache_path):
-        run_blocks(kernel, arguments, N, T * 8 * H * H)
+    _run_kernel("backward", activation, recurrent_activation, arguments, N, T * 8 * H * H)
     return d_xw, d_h0, d_c0
+
+
+def _run_kernel(direction, activation, recurrent_activation, arguments, rows, flops_per_row):
+    """Runs the `direction` ("forward" or "backward") block kernel of an activation pair
+    over blocks of `rows`, announcing its first compile."""
+    forward_block, backward_block = block_kernels(int(activation), int(recurrent_activation))
+    kernel = forward_block if direction == "forward" else backward_block
+    with compile_notice.on_first_compile(direction, activation, recurrent_activation, kernel):
+        run_blocks(kernel, arguments, rows, flops_per_row)
 
 
 def warm_up(activation, recurrent_activation, training=True):
