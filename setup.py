@@ -7,7 +7,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fusedlstm", "fusedlstm.kernels"],
+    packages=["fusedlstm", "fusedlstm.backends", "fusedlstm.cli", "fusedlstm.testing",
+              "fusedlstm.kernels", "fusedlstm.kernels.cpu", "fusedlstm.kernels.cuda"],
     package_dir={"fusedlstm": "fusedlstm", "fusedlstm.kernels": "kernels"},
     install_requires=["keras>=3.14", "numba>=0.60", "numpy"],
     extras_require={

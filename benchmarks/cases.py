@@ -6,13 +6,9 @@ the result is computed. Frameworks are imported lazily so that each one can be
 timed in a process of its own.
 """
 
-import os
-import sys
-
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import reference  # noqa: E402
+from fusedlstm.testing import reference
 
 # name: (N, T, C, H)
 SHAPES = {"S1": (1, 100, 32, 128), "S2": (32, 100, 64, 256), "S3": (128, 50, 128, 512)}

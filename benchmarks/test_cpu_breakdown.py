@@ -49,7 +49,7 @@ def test_layer(benchmark, problem, mode):
 def test_projection(benchmark, problem):
     import tensorflow as tf
 
-    from fusedlstm import projection
+    from fusedlstm.backends import projection
 
     shape, p = problem
     x, kernel, bias = (tf.constant(a) for a in (p.x, p.kernel, p.bias))
@@ -71,7 +71,7 @@ def test_backward_recurrence(benchmark, problem):
 def test_weight_gradients(benchmark, problem):
     import tensorflow as tf
 
-    from fusedlstm import projection
+    from fusedlstm.backends import projection
 
     shape, p = problem
     d_xw = p.backward()[0]

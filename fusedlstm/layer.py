@@ -7,7 +7,7 @@ import keras
 from keras import activations
 from keras import ops
 
-from fusedlstm import gpu_policy
+from fusedlstm.backends import gpu_policy
 from fusedlstm import ops as fused_ops
 from fusedlstm.kernels.gates import ACTIVATION_CODES
 from fusedlstm.kernels.select import KERNEL_ENV

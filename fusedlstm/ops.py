@@ -1,38 +1,21 @@
 """The fused LSTM sequence op, dispatched to one module per Keras backend.
 
-Each backend module (`ops_tensorflow`, `ops_torch`, `ops_jax`) exposes
-`lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
-recurrent_mask, config)` returning `(outputs, h_n, c_n)`, differentiable with
-respect to the inputs, the three weights and both initial states. The framework
+Each backend module (`fusedlstm.backends.tensorflow`, `.torch`, `.jax`) exposes
+the same `lstm_sequence` op (`fusedlstm.backends.contract`). The framework
 computes the input projection for all timesteps in one matmul; the kernel runs
-only the sequential part (`fusedlstm.projection` holds the math around it).
+only the sequential part (`fusedlstm.backends.projection` holds the math around it).
 
 Data flows one way: layer -> this dispatch -> one backend module -> kernels.
 """
 
-import dataclasses
-
 from keras import backend
+
+from fusedlstm.backends.contract import RecurrenceConfig
 
 SUPPORTED_BACKENDS = ("tensorflow", "torch", "jax")
 # Backends whose op is an XLA custom call rather than a Python callback.
 JIT_COMPATIBLE_BACKENDS = ("jax",)
-
-
-@dataclasses.dataclass(frozen=True)
-class RecurrenceConfig:
-    """What a kernel launch needs besides the tensors.
-
-    Attributes:
-        activation, recurrent_activation: codes from `kernels.gates`.
-        zero_output_for_mask: masked steps output zeros.
-        training: save what the backward pass needs during the forward pass.
-    """
-
-    activation: int
-    recurrent_activation: int
-    zero_output_for_mask: bool
-    training: bool
+__all__ = ["JIT_COMPATIBLE_BACKENDS", "RecurrenceConfig", "SUPPORTED_BACKENDS", "lstm_sequence"]
 
 
 def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
@@ -53,11 +36,11 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
     """
     name = backend.backend()
     if name == "tensorflow":
-        from fusedlstm import ops_tensorflow as impl
+        from fusedlstm.backends import tensorflow as impl
     elif name == "torch":
-        from fusedlstm import ops_torch as impl
+        from fusedlstm.backends import torch as impl
     elif name == "jax":
-        from fusedlstm import ops_jax as impl
+        from fusedlstm.backends import jax as impl
     else:
         raise ValueError(
             f"The fused LSTM op supports the Keras backends {SUPPORTED_BACKENDS}. "

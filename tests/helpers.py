@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 import fusedlstm
-from fusedlstm.parity import outputs_and_grads
+from fusedlstm.testing.parity import outputs_and_grads
 
 
 def make_pair(random_seed=1, **kwargs):

@@ -10,7 +10,7 @@ import zlib
 
 import numpy as np
 
-import reference
+from fusedlstm.testing import reference
 from helpers import make_mask, make_pair, run_with_grads
 
 # (batch, timesteps, input dim, units): every value of each axis appears.

@@ -14,7 +14,8 @@ import keras
 import pytest
 
 import fusedlstm
-from fusedlstm import cli, explain, layout_figure, quiet_start
+from fusedlstm.cli import explain, layout_figure, quiet_start
+from fusedlstm.cli import main as cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -323,20 +324,15 @@ def test_first_line_printed_is_its_own():
     assert framework_logging(result.stdout) == []
 
 
-def test_library_import_is_left_alone():
-    assert not quiet_start.is_cli_process()
-
-
-@pytest.mark.parametrize("argv, module", [
-    (["python", "-m", "fusedlstm", "check"], "fusedlstm"),
-    (["python", "-X", "importtime", "-m", "fusedlstm"], "fusedlstm"),
-    (["python", "-mfusedlstm"], "fusedlstm"),
-    (["python", "-m", "pytest", "tests"], "pytest"),
-    (["python", "script.py", "-m", "fusedlstm"], "fusedlstm"),
-    (["python"], None),
-])
-def test_module_run_is_read_from_the_interpreter_arguments(argv, module):
-    assert quiet_start._module_run(argv) == module
+def test_library_import_loads_nothing_of_the_command_line():
+    script = ("import sys, fusedlstm; fusedlstm.convert.to_stock, fusedlstm.LSTM; "
+              "print(sorted(m for m in sys.modules if m.startswith('fusedlstm.')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = eval(done.stdout.strip().splitlines()[-1])
+    assert "fusedlstm.layer" in loaded and "fusedlstm.convert" in loaded
+    assert [m for m in loaded if m.startswith("fusedlstm.cli")] == []
 
 
 FRAMEWORK_LINES = [
@@ -364,7 +360,7 @@ def test_held_stderr_writes_back_all_but_framework_logging(capfd):
 
 
 def test_device_gpu_without_gpu_is_one_line(capsys):
-    from fusedlstm import environment
+    from fusedlstm.cli import environment
 
     if environment.gpu_name() is not None:
         pytest.skip("a GPU is visible")

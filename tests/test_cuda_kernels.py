@@ -35,7 +35,7 @@ from numba import config, cuda  # noqa: E402
 
 BACKEND_INDEPENDENT = True  # see conftest.py
 
-import reference  # noqa: E402
+from fusedlstm.testing import reference  # noqa: E402
 from fusedlstm.kernels import cpu  # noqa: E402
 from fusedlstm.kernels.gates import ACTIVATION_CODES  # noqa: E402
 
@@ -344,7 +344,7 @@ def test_select_kernels_rejects_unknown_value(monkeypatch):
     ("all", ("--small", "--batches", "--repeats")),
 ])
 def test_gpu_benchmark_script_help(command, options):
-    script = ROOT / "benchmarks" / "gpu.py"
+    script = ROOT / "benchmarks" / "gpu" / "checks.py"
     done = subprocess.run([sys.executable, str(script), command, "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

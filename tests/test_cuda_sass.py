@@ -2,15 +2,20 @@
 
 Every kernel of `kernels.cuda.SIGNATURES` goes through numba-cuda (PTX),
 `ptxas`, `nvlink` (with `libcudadevrt.a` for the grid barrier) and `nvdisasm`,
-from NVIDIA's CUDA wheels (`pip install -e ".[sass]"`); `kernels/sass.py`
+from NVIDIA's CUDA wheels (`pip install -e ".[sass]"`); `benchmarks/gpu/sass.py`
 reads the result. Skipped, with the reason, when those wheels are absent.
 """
+
+import pathlib
+import sys
 
 import pytest
 from numba import config
 
-from fusedlstm.kernels import cuda as cuda_kernels
-from fusedlstm.kernels import sass
+from fusedlstm.kernels.cuda import kernels as cuda_kernels
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))
+import sass  # noqa: E402
 
 BACKEND_INDEPENDENT = True  # see conftest.py
 

@@ -8,7 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from fusedlstm import LSTM, gpu_policy
+from fusedlstm import LSTM
+from fusedlstm.backends import gpu_policy
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 MODEL_TABLE = RESULTS / "gpu-model-h100.json"

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import fusedlstm
 import fusedlstm.ops
 from fusedlstm import layer as fused_layer
-from fusedlstm import ops_jax
+from fusedlstm.backends import jax as ops_jax
 from fusedlstm.kernels.gates import ACTIVATION_CODES
 from helpers import make_mask, make_pair, run_with_grads, simulated_cuda_errors
 

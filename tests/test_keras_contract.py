@@ -15,7 +15,7 @@ import pytest
 
 import fusedlstm
 import fusedlstm.ops
-from fusedlstm.kernels.threads import block_bounds
+from fusedlstm.kernels.cpu.threads import block_bounds
 from helpers import make_pair, to_numpy
 
 ON_TF = keras.backend.backend() == "tensorflow"
@@ -273,12 +273,13 @@ def test_first_compile_is_announced_once_then_cached_on_disk(tmp_path):
     code = """
         import json, numpy as np
         from fusedlstm.kernels import cpu
+        from fusedlstm.kernels.cpu import steps
         args = (np.ones((1, 2, 8), np.float32), np.ones((2, 8), np.float32),
                 np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32), None, None, 0, 1, False)
         outputs, h_n, c_n, saved = cpu.forward(*args, True)
         cpu.backward(args[1], None, None, 0, 1, False, saved, outputs, h_n, c_n)
         cpu.forward(*args, False)
-        stats = [kernel.stats for kernel in cpu.block_kernels(0, 1)]
+        stats = [kernel.stats for kernel in steps.block_kernels(0, 1)]
         print(json.dumps({"hits": sum(sum(s.cache_hits.values()) for s in stats),
                           "misses": sum(sum(s.cache_misses.values()) for s in stats)}))
     """

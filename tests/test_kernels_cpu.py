@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from numba import njit
 
-import reference
+from fusedlstm.testing import reference
 from fusedlstm.kernels import cpu
+from fusedlstm.kernels.cpu import panels, steps
 from fusedlstm.kernels import gates
-from fusedlstm.kernels import threads
-from fusedlstm.kernels.tile import LANES, make_tile
+from fusedlstm.kernels.cpu import threads
+from fusedlstm.kernels.cpu.tile import LANES, make_tile
 
 BACKEND_INDEPENDENT = True  # see conftest.py
 
@@ -168,7 +169,7 @@ def test_results_do_not_depend_on_how_rows_are_cut_into_blocks(dropped):
     mask = rng.random((N, T)) > 0.3
     rmask = (rng.random((4, N, H)) > 0.3).astype("float32") if dropped else np.zeros((0, N, H), "float32")
     d_out = rng.normal(size=(N, T, H)).astype("float32")
-    forward_block, backward_block = cpu.block_kernels(gates.TANH, gates.SIGMOID)
+    forward_block, backward_block = steps.block_kernels(gates.TANH, gates.SIGMOID)
     results = []
     for cuts in ([0, N], [0, 8, 16, N], [0, 1, 5, 13, N]):
         out, h_n, c_n = (np.empty(s, "float32") for s in ((N, T, H), (N, H), (N, H)))
@@ -176,9 +177,9 @@ def test_results_do_not_depend_on_how_rows_are_cut_into_blocks(dropped):
         gate_acts = np.empty((N, T, 4 * H), "float32")
         d_xw, d_h0, d_c0 = np.empty_like(xw), np.empty_like(h0), np.empty_like(c0)
         for r0, r1 in zip(cuts[:-1], cuts[1:]):
-            forward_block(r0, r1, xw, cpu.pack_forward(U), h0, c0, mask, rmask, False,
+            forward_block(r0, r1, xw, panels.pack_forward(U), h0, c0, mask, rmask, False,
                           out, h_n, c_n, h_in, c_seq, gate_acts)
-            backward_block(r0, r1, cpu.pack_backward(U), mask, rmask, False, c_seq, gate_acts,
+            backward_block(r0, r1, panels.pack_backward(U), mask, rmask, False, c_seq, gate_acts,
                            d_out, h0, c0, d_xw, d_h0, d_c0)
         results.append((out, h_n, c_n, h_in, d_xw, d_h0, d_c0))
     for other in results[1:]:

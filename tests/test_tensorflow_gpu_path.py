@@ -22,7 +22,7 @@ import tensorflow as tf
 from cuda.core.utils import StridedMemoryView
 from tensorflow.python.ops import script_ops
 
-from fusedlstm import ops_tensorflow
+from fusedlstm.backends import tensorflow as ops_tensorflow
 from helpers import make_pair, run_with_grads
 
 
@@ -134,16 +134,16 @@ def test_dlpack_export_gives_a_writable_view_of_tf_memory():
 
 
 def test_device_selection(monkeypatch):
-    assert not ops_tensorflow._runs_on_gpu(tf.constant([1.0]))
+    assert not ops_tensorflow.runs_on_gpu(tf.constant([1.0]))
     with tf.Graph().as_default():
         with tf.device("/GPU:1"):
             on_gpu = tf.compat.v1.placeholder(tf.float32, [2])
         with tf.device("/CPU:0"):
             on_cpu = tf.compat.v1.placeholder(tf.float32, [2])
         unplaced = tf.compat.v1.placeholder(tf.float32, [2])
-    assert ops_tensorflow._runs_on_gpu(on_gpu)
-    assert not ops_tensorflow._runs_on_gpu(on_cpu)
-    assert ops_tensorflow._runs_on_gpu(unplaced) == bool(tf.config.list_logical_devices("GPU"))
+    assert ops_tensorflow.runs_on_gpu(on_gpu)
+    assert not ops_tensorflow.runs_on_gpu(on_cpu)
+    assert ops_tensorflow.runs_on_gpu(unplaced) == bool(tf.config.list_logical_devices("GPU"))
     monkeypatch.setenv("FUSEDLSTM_KERNEL", "cpu")
     assert not ops_tensorflow._uses_cuda_kernels(on_gpu)
     with pytest.raises(RuntimeError, match="CPU:0"):

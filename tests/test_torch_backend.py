@@ -24,7 +24,7 @@ import torch
 
 import fusedlstm
 from fusedlstm import ops as fused_ops
-from fusedlstm import ops_torch
+from fusedlstm.backends import torch as ops_torch
 from helpers import make_mask, make_pair, run_with_grads, simulated_cuda_errors
 
 OUTPUT_ATOL = 1e-5

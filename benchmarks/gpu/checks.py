@@ -50,7 +50,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 DEVICE = "cuda"
 STATE_TOL = OUTPUT_TOL = 1e-5

@@ -1,7 +1,7 @@
 """A performance model of the fused CUDA kernels and of cuDNN on an H100 SXM.
 
 This is a model, not a measurement: no GPU has run these kernels. It reads
-the SASS report (`python -m fusedlstm.kernels.sass`, default
+the SASS report (`python benchmarks/gpu/sass.py`, default
 `benchmarks/results/sass-sm_90.json`) for the instruction counts of the
 kernels' inner loops, replays the host launcher's choice of grid
 (`kernels/cuda.py`), and predicts microseconds per timestep, forward and
@@ -50,7 +50,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SASS = ROOT / "benchmarks" / "results" / "sass-sm_90.json"
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 BATCHES = (1, 16, 64, 256)
@@ -290,7 +290,7 @@ def markdown(rows, sass_path, sass):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sass", type=Path, default=DEFAULT_SASS,
-                        help="the SASS report to read (python -m fusedlstm.kernels.sass)")
+                        help="the SASS report to read (python benchmarks/gpu/sass.py)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the results")
     args = parser.parse_args(argv)
     sass = json.loads(args.sass.read_text())

@@ -14,7 +14,7 @@ loop is the inner product with its weights on chip: the innermost loop that
 stores nothing, loads from shared memory only and holds the most FFMA; the
 streamed loop is its twin that also loads from global memory.
 
-Run `python -m fusedlstm.kernels.sass --out benchmarks/results/sass-sm_90.json`.
+Run `python benchmarks/gpu/sass.py --out benchmarks/results/sass-sm_90.json`.
 """
 
 import argparse
@@ -281,7 +281,7 @@ def kernel_report(kernel, signature, cc=ARCH):
 
 def report(signatures=None, cc=ARCH):
     """Reports every kernel of `cuda.SIGNATURES` (or of `signatures`)."""
-    from . import cuda as cuda_kernels
+    from fusedlstm.kernels import cuda as cuda_kernels
 
     signatures = cuda_kernels.SIGNATURES if signatures is None else signatures
     kernels = {}
@@ -349,7 +349,7 @@ def _summary_line(name, entry):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fusedlstm.kernels.sass",
+    parser = argparse.ArgumentParser(prog="python benchmarks/gpu/sass.py",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the JSON report to this path")
     args = parser.parse_args(argv)

@@ -104,12 +104,9 @@ def _on_gpu(tensor, backend):
     if backend == "torch":
         return getattr(getattr(tensor, "device", None), "type", None) == "cuda"
     if backend == "tensorflow":
-        import tensorflow as tf
+        from fusedlstm.backends.tensorflow import runs_on_gpu
 
-        device = getattr(tensor, "device", "") or ""
-        if device:
-            return tf.DeviceSpec.from_string(device).device_type == "GPU"
-        return bool(tf.config.list_logical_devices("GPU"))
+        return runs_on_gpu(tensor)
     return False
 
 

@@ -23,8 +23,8 @@ import keras
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from fusedlstm import projection
-from fusedlstm import xla_ffi
+from fusedlstm.backends import projection, xla_ffi
+from fusedlstm.backends.contract import none_if_empty
 from fusedlstm.kernels import cpu
 from fusedlstm.kernels.select import select_kernels
 
@@ -96,10 +96,10 @@ def _fused_bwd(config, residuals, d_results):
                                                  d_results[2].shape],
                              (recurrent_kernel, mask, recurrent_mask, *saved, *d_results),
                              _codes(config))
-    input_mask = _none_if_empty(input_mask)
+    input_mask = none_if_empty(input_mask)
     grads = (projection.input_grad(d_xw, kernel, input_mask),
              projection.gate_weight_grad(x, d_xw, input_mask), jnp.sum(d_xw, (0, 1)),
-             projection.gate_weight_grad(saved[0], d_xw, _none_if_empty(recurrent_mask)),
+             projection.gate_weight_grad(saved[0], d_xw, none_if_empty(recurrent_mask)),
              d_h0, d_c0)
     return grads, _zero_cotangents(masks)
 
@@ -112,7 +112,7 @@ def _forward(config, inputs, masks, save):
     as `kernels.cpu.forward`)."""
     x, kernel, bias, recurrent_kernel, h0, c0 = inputs
     mask, input_mask, recurrent_mask = masks
-    xw = projection.input_projection(x, kernel, bias, _none_if_empty(input_mask))
+    xw = projection.input_projection(x, kernel, bias, none_if_empty(input_mask))
     batch, steps, units = x.shape[0], x.shape[1], recurrent_kernel.shape[0]
     shapes = [(batch, steps, units), (batch, units), (batch, units)]
     if save:
@@ -152,7 +152,7 @@ def _forward_handler(args, results, attrs):
     save = bool(attrs["save"])
     kernels = _kernels()
     outputs, h_n, c_n, saved = kernels.forward(
-        xw, recurrent_kernel, h0, c0, _none_if_empty(mask), _none_if_empty(recurrent_mask),
+        xw, recurrent_kernel, h0, c0, none_if_empty(mask), none_if_empty(recurrent_mask),
         attrs["activation"], attrs["recurrent_activation"],
         bool(attrs["zero_output_for_mask"]), save, **_into(kernels, results))
     _write(results, (outputs, h_n, c_n, *(saved if save else ())))
@@ -162,7 +162,7 @@ def _backward_handler(args, results, attrs):
     recurrent_kernel, mask, recurrent_mask, h_in, c_seq, gates, *d_results = args
     kernels = _kernels()
     _write(results, kernels.backward(
-        recurrent_kernel, _none_if_empty(mask), _none_if_empty(recurrent_mask),
+        recurrent_kernel, none_if_empty(mask), none_if_empty(recurrent_mask),
         attrs["activation"], attrs["recurrent_activation"], bool(attrs["zero_output_for_mask"]),
         (h_in, c_seq, gates), *d_results, **_into(kernels, results)))
 
@@ -203,7 +203,3 @@ def _zero_cotangents(masks):
     return (np.zeros(mask.shape, jax.dtypes.float0), jnp.zeros_like(input_mask),
             jnp.zeros_like(recurrent_mask))
 
-
-def _none_if_empty(array):
-    """None for the empty placeholders that stand for "no mask"."""
-    return None if array.shape[0] == 0 else array

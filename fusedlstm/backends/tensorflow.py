@@ -15,7 +15,8 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from fusedlstm import projection
+from fusedlstm.backends import projection
+from fusedlstm.backends.contract import none_if_empty
 from fusedlstm.kernels import cpu as kernels
 from fusedlstm.kernels.select import select_kernels
 
@@ -33,7 +34,7 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
     on_gpu = _uses_cuda_kernels(x)
 
     def run_forward(x, kernel, bias, recurrent_kernel, h0, c0, save):
-        xw = projection.input_projection(x, kernel, bias, _none_if_empty(input_mask))
+        xw = projection.input_projection(x, kernel, bias, none_if_empty(input_mask))
         inputs = [xw, recurrent_kernel, h0, c0, mask, recurrent_mask]
         count = 6 if save else 3
         if on_gpu:
@@ -65,11 +66,11 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
             d_xw.set_shape(saved[2].shape)
             d_h0.set_shape(h0.shape)
             d_c0.set_shape(c0.shape)
-            input_mask_or_none = _none_if_empty(input_mask)
+            input_mask_or_none = none_if_empty(input_mask)
             return (projection.input_grad(d_xw, kernel, input_mask_or_none),
                     projection.gate_weight_grad(x, d_xw, input_mask_or_none),
                     tf.reduce_sum(d_xw, [0, 1]),
-                    projection.gate_weight_grad(saved[0], d_xw, _none_if_empty(recurrent_mask)),
+                    projection.gate_weight_grad(saved[0], d_xw, none_if_empty(recurrent_mask)),
                     d_h0, d_c0)
 
         return tuple(results[:3]), grad
@@ -79,7 +80,7 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
 
 def _forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mask):
     outputs, h_n, c_n, saved = kernels.forward(
-        xw, recurrent_kernel, h0, c0, _none_if_empty(mask), _none_if_empty(recurrent_mask),
+        xw, recurrent_kernel, h0, c0, none_if_empty(mask), none_if_empty(recurrent_mask),
         config.activation, config.recurrent_activation, config.zero_output_for_mask, save)
     return (outputs, h_n, c_n) + (tuple(saved) if save else ())
 
@@ -87,23 +88,24 @@ def _forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mask):
 def _backward(config, recurrent_kernel, mask, recurrent_mask, h_in, c_seq, gates,
               d_outputs, d_h_n, d_c_n):
     return kernels.backward(
-        recurrent_kernel, _none_if_empty(mask), _none_if_empty(recurrent_mask),
+        recurrent_kernel, none_if_empty(mask), none_if_empty(recurrent_mask),
         config.activation, config.recurrent_activation, config.zero_output_for_mask,
         (h_in, c_seq, gates), d_outputs, d_h_n, d_c_n)
 
 
 def _uses_cuda_kernels(tensor):
     """Whether the op runs the CUDA kernels: `tensor` is on a GPU and they are selected."""
-    return _runs_on_gpu(tensor) and select_kernels(data_on_gpu=True) is not kernels
+    return runs_on_gpu(tensor) and select_kernels(data_on_gpu=True) is not kernels
 
 
-def _runs_on_gpu(tensor):
+def runs_on_gpu(tensor):
     """Whether `tensor` is on a GPU or, unplaced in a graph, will be.
 
     TF places an op without a device on a GPU when one exists.
     """
-    if tensor.device:
-        return tf.DeviceSpec.from_string(tensor.device).device_type == "GPU"
+    device = getattr(tensor, "device", "") or ""
+    if device:
+        return tf.DeviceSpec.from_string(device).device_type == "GPU"
     return bool(tf.config.list_logical_devices("GPU"))
 
 
@@ -123,8 +125,8 @@ def _gpu_forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mas
     """`tf.py_function` body: the forward CUDA kernel on eager GPU tensors."""
     with _numba_device_of(xw):
         outputs, h_n, c_n, saved = select_kernels(data_on_gpu=True).forward(
-            *_device_arrays(xw, recurrent_kernel, h0, c0, _none_if_empty(mask),
-                            _none_if_empty(recurrent_mask)),
+            *_device_arrays(xw, recurrent_kernel, h0, c0, none_if_empty(mask),
+                            none_if_empty(recurrent_mask)),
             config.activation, config.recurrent_activation, config.zero_output_for_mask, save)
         return _to_tf((outputs, h_n, c_n) + (tuple(saved) if save else ()), xw.device)
 
@@ -134,7 +136,7 @@ def _gpu_backward(config, recurrent_kernel, mask, recurrent_mask, h_in, c_seq, g
     """`tf.py_function` body: the backward CUDA kernel on eager GPU tensors."""
     with _numba_device_of(d_outputs):
         recurrent_kernel, mask, recurrent_mask, c_seq, gates, *d_results = _device_arrays(
-            recurrent_kernel, _none_if_empty(mask), _none_if_empty(recurrent_mask), c_seq,
+            recurrent_kernel, none_if_empty(mask), none_if_empty(recurrent_mask), c_seq,
             gates, d_outputs, d_h_n, d_c_n)
         results = select_kernels(data_on_gpu=True).backward(
             recurrent_kernel, mask, recurrent_mask, config.activation,
@@ -211,10 +213,6 @@ def _to_tf(arrays, device):
     cuda.synchronize()
     return outputs
 
-
-def _none_if_empty(array):
-    """None for the empty placeholders that stand for "no mask" (NumPy or TF)."""
-    return None if array.shape[0] == 0 else array
 
 
 def _zeros_if_none(grad, like):

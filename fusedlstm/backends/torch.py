@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from fusedlstm import projection
+from fusedlstm.backends import projection
 from fusedlstm.kernels import cpu
 from fusedlstm.kernels.select import select_kernels
 

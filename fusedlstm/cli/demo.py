@@ -14,9 +14,9 @@ import keras
 import numpy as np
 
 import fusedlstm
-from fusedlstm.environment import (device_scope, fused_backend_problem, require_module,
+from fusedlstm.cli.environment import (device_scope, fused_backend_problem, require_module,
                                    resolve_device)
-from fusedlstm.errors import CliError
+from fusedlstm.cli.errors import CliError
 
 TRAIN_FRACTION = 0.8
 PLOTTED_TRAINING_MONTHS = 120

@@ -12,7 +12,7 @@ import numba
 
 import fusedlstm
 from fusedlstm import ops as fused_ops
-from fusedlstm.errors import CliError
+from fusedlstm.cli.errors import CliError
 
 
 def require_module(name, needed_for):

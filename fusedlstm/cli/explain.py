@@ -13,7 +13,7 @@ import os
 import keras
 
 import fusedlstm
-from fusedlstm.errors import CliError
+from fusedlstm.cli.errors import CliError
 
 GATES = (("i", "input gate"), ("f", "forget gate"), ("c", "cell candidate"),
          ("o", "output gate"))

@@ -7,7 +7,7 @@ the parameter arithmetic 4 * ((C + H) * H + H) and a note that the sequence
 length appears nowhere.
 """
 
-from fusedlstm.explain import GATES, param_arithmetic
+from fusedlstm.cli.explain import GATES, param_arithmetic
 
 GATE_COLORS = ("#5B8DC9", "#F29E4C", "#6AB46A", "#E0706E")
 NAMES_INCHES = 2.7

@@ -15,8 +15,8 @@ import argparse
 import os
 import sys
 
-from fusedlstm.errors import USAGE_ERROR, CliError
-from fusedlstm.timings import format_shape
+from fusedlstm.cli.errors import USAGE_ERROR, CliError
+from fusedlstm.cli.timings import format_shape
 
 DEFAULT_SHAPES = ((1, 100, 32, 128), (32, 100, 64, 256))
 LAYOUTS = ("keras", "torch")
@@ -143,7 +143,7 @@ def _add_explain(commands, device):
 
 def _add_compile(commands, device):
     from fusedlstm.kernels.gates import ACTIVATION_CODES
-    from fusedlstm.precompile import DEFAULT_PAIR
+    from fusedlstm.cli.precompile import DEFAULT_PAIR
 
     compile_ = commands.add_parser(
         "compile",
@@ -194,14 +194,14 @@ def _output_path(text):
 
 
 def _run_check(args):
-    from fusedlstm import report
+    from fusedlstm.cli import report
 
     return report.run_check(shapes=args.shapes, runs=args.runs, json_path=args.json,
                             png_path=args.png, device=args.device)
 
 
 def _run_compile(args):
-    from fusedlstm import precompile
+    from fusedlstm.cli import precompile
 
     pairs = precompile.activation_pairs(args.activation, args.recurrent_activation,
                                         args.all_pairs)
@@ -212,7 +212,7 @@ def _run_compile(args):
 
 
 def _run_demo(args):
-    from fusedlstm import demo
+    from fusedlstm.cli import demo
 
     return demo.run_demo(epochs=args.epochs, units=args.units, window=args.window,
                          batch_size=args.batch_size, seed=args.seed, png_path=args.png,
@@ -220,10 +220,10 @@ def _run_demo(args):
 
 
 def _run_explain(args):
-    from fusedlstm import explain
+    from fusedlstm.cli import explain
 
     if args.png:
-        from fusedlstm.environment import require_module
+        from fusedlstm.cli.environment import require_module
 
         require_module("matplotlib", "--png")
     if args.model:
@@ -243,7 +243,7 @@ def _run_explain(args):
 
 
 def _draw_layout(path, shapes, timesteps):
-    from fusedlstm import layout_figure
+    from fusedlstm.cli import layout_figure
 
     if not shapes:
         raise CliError("--png: no LSTM layers to draw")

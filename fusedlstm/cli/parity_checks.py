@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 import fusedlstm
-from fusedlstm.parity import outputs_and_grads
+from fusedlstm.testing.parity import outputs_and_grads
 
 PARITY_SHAPE = (4, 12, 8, 16)
 SEED = 1

@@ -7,8 +7,8 @@ DT_BOOL only on platforms with AVX-512", even where the CPU has AVX-512) on the
 first ops. `TF_CPP_MIN_LOG_LEVEL` reaches only TensorFlow's own records, so in
 the command line's process `quiet_framework_start` also holds file descriptor
 2 while the frameworks are imported and writes back only the lines that are
-not this logging: Python warnings and errors still show. Everywhere else, the
-library imported by any other program, it does nothing.
+not this logging: Python warnings and errors still show. `fusedlstm/__main__.py`
+is its one caller: the library imported by any other program is left alone.
 
 TensorFlow is imported inside the hold on every Keras backend where it is
 installed: otherwise Keras imports it later, unheld (`keras.utils.set_random_seed`
@@ -23,7 +23,6 @@ import re
 import sys
 import tempfile
 
-CLI_MODULE = "fusedlstm"
 FRAMEWORK_LOGGING = re.compile(
     r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     r"|[IW]\d{4} [\d:.]+ +\d+ [^ \]]+:\d+\] .*"
@@ -32,37 +31,15 @@ FRAMEWORK_LOGGING = re.compile(
     r"compiler flags\.")
 
 
-def is_cli_process():
-    """Whether `python -m fusedlstm` is importing the package right now.
-
-    While `-m` imports a module's package, `sys.argv[0]` is `"-m"`;
-    `sys.orig_argv` names the module.
-    """
-    return sys.argv[:1] == ["-m"] and _module_run(sys.orig_argv) == CLI_MODULE
-
-
-def _module_run(argv):
-    """The module `python -m MODULE` runs, from the interpreter's own arguments."""
-    for k, arg in enumerate(argv[1:], start=1):
-        if arg == "-m":
-            return argv[k + 1] if k + 1 < len(argv) else None
-        if arg.startswith("-m"):
-            return arg[2:]
-    return None
-
-
 @contextlib.contextmanager
 def quiet_framework_start():
-    """Within it, the frameworks' logging is held back, in the CLI's process only.
+    """Within it, the frameworks' start-up logging is held back.
 
     Sets `TF_CPP_MIN_LOG_LEVEL=3` unless the user set it, and holds file
     descriptor 2; on leaving, writes back every held line that is not
     framework logging (`FRAMEWORK_LOGGING`). TensorFlow, when installed, is
     imported within the hold whatever the Keras backend.
     """
-    if not is_cli_process():
-        yield
-        return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with _stderr_held(FRAMEWORK_LOGGING):
         if importlib.util.find_spec("tensorflow") is not None:

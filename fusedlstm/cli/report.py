@@ -9,11 +9,11 @@ unmasked) and times both layers at a few shapes (`fusedlstm.timings`).
 import dataclasses
 import json
 
-from fusedlstm.environment import (describe_environment, device_scope, format_environment,
+from fusedlstm.cli.environment import (describe_environment, device_scope, format_environment,
                                    fused_backend_problem, require_module, resolve_device)
-from fusedlstm.errors import CliError
-from fusedlstm.parity_checks import PARITY_SHAPE, check_parity, format_parity
-from fusedlstm.timings import format_shape, format_timings, plot_timings, time_shape
+from fusedlstm.cli.errors import CliError
+from fusedlstm.cli.parity_checks import PARITY_SHAPE, check_parity, format_parity
+from fusedlstm.cli.timings import format_shape, format_timings, plot_timings, time_shape
 
 
 def run_check(shapes, runs, json_path=None, png_path=None, device="auto"):
@@ -64,7 +64,7 @@ def run_check(shapes, runs, json_path=None, png_path=None, device="auto"):
 def _prepare_cpu_kernels():
     """Compiles (first use on this machine, with a notice on stderr) or loads the CPU
     kernels the parity checks use, so that neither counts in a timing; one line."""
-    from fusedlstm import precompile
+    from fusedlstm.cli import precompile
 
     lines = []
     cache_path = precompile.compile_kernels([precompile.DEFAULT_PAIR], report=lines.append)

@@ -8,7 +8,6 @@ differentiate a fixed random projection of everything it returned.
 import keras
 import numpy as np
 
-from fusedlstm.errors import CliError
 
 
 def outputs_and_grads(layer, x, mask=None, initial_state=None, training=False, seed=1):
@@ -33,7 +32,8 @@ def outputs_and_grads(layer, x, mask=None, initial_state=None, training=False, s
     elif backend == "jax":
         run = _outputs_and_grads_jax
     else:
-        raise CliError(f"no gradient check for the Keras backend {backend!r}")
+        raise ValueError("outputs_and_grads supports the Keras backends tensorflow, torch and "
+                         f"jax. Received: backend={backend!r}")
     outputs, grads = run(layer, x, mask, initial_state, training, seed)
     names = ["x"] + (["h0", "c0"] if initial_state is not None else [])
     names += [w.name for w in layer.trainable_weights]

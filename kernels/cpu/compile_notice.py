@@ -12,7 +12,7 @@ import threading
 
 from numba.core import event
 
-from .gates import ACTIVATION_CODES
+from ..gates import ACTIVATION_CODES
 
 _NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
 _announced = threading.Event()

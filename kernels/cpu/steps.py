@@ -1,8 +1,8 @@
-"""The fused LSTM recurrence on the CPU: forward and backward `njit` kernels.
+"""The fused LSTM recurrence on the CPU: forward and backward `njit` step kernels.
 
 The framework computes the input projection `xw = x @ kernel + bias` for all
 timesteps in one matmul and the weight gradients from what these kernels
-return (`fusedlstm.projection`); the kernels run only the sequential part. Arrays are batch-major, as
+return (`fusedlstm.backends.projection`); the kernels run only the sequential part. Arrays are batch-major, as
 Keras holds them: N batch rows, T timesteps, H units, gates in the column
 order i, f, c, o.
 
@@ -11,7 +11,7 @@ each block runs the whole sequence on its own, in a thread of its own: no
 barrier between timesteps, and a slow or busy core holds up only the block it
 runs while the other threads take the remaining blocks. Each step of a block
 is one register-blocked product of its hidden states with the recurrent
-kernel, packed in panels of `tile.LANES * 2` columns (`kernels.tile`), then
+kernel, packed in panels of `panels.PANEL` columns (`panels`, `tile`), then
 the cell math on each row while the products are still in cache.
 
 Masking follows Keras: a masked step keeps `h` and `c` unchanged, and its
@@ -25,86 +25,20 @@ and keys its disk cache on, so a process compiles (or loads) only the pairs
 it uses, and inference never compiles the backward kernel.
 """
 
-import numpy as np
 import functools
 
+import numpy as np
 from numba import njit
 
-from . import compile_notice
-from .gates import compile_gates
-from .threads import run_blocks
-from .tile import LANES, make_tile
+from ..gates import compile_gates
+from .panels import PANEL, panel_products
 
 _gates = compile_gates(njit(inline="always", error_model="numpy", cache=True),
                        leaf_jit=njit(error_model="numpy", cache=True))
 _cell_forward = _gates.cell_forward
 _cell_backward = _gates.cell_backward
 
-_VECTORS = 2
-PANEL = _VECTORS * LANES
-_tile_8 = make_tile(8, _VECTORS, 1)
-_tile_4 = make_tile(4, _VECTORS, 2)
-_tile_1 = make_tile(1, _VECTORS, 4)
-
 _KERNEL_OPTIONS = {"nogil": True, "error_model": "numpy", "cache": True}
-
-
-@njit(nogil=True, error_model="numpy", cache=True)
-def panel_products(a, a_off, a_group_off, lda, rows, depth, packed, b_group_off, b_panel_off,
-                    panels, c, c_group_off, ldc, groups):
-    """`c[group, m, p] = a[group, m] @ packed[group, p]` for each group, panel p and row m < rows.
-
-    Row m of group g of A (2-D) starts at flat offset `a_off + g * a_group_off
-    + m * lda` and has `depth` floats; its panel p starts at `g * b_group_off +
-    p * b_panel_off` in `packed` (1-D); the product lands at `g * c_group_off +
-    p * PANEL + m * ldc` in `c` (2-D). Panels run outermost so that each stays
-    in cache across the row tiles. One compiled function serves the forward
-    and backward kernels of every activation pair.
-    """
-    for g in range(groups):
-        a_group = a_off + g * a_group_off
-        for p in range(panels):
-            b_off = g * b_group_off + p * b_panel_off
-            c_off = g * c_group_off + p * PANEL
-            m = 0
-            while m + 8 <= rows:
-                _tile_8(a, a_group + m * lda, lda, packed, b_off, c, c_off + m * ldc, ldc, depth)
-                m += 8
-            while m + 4 <= rows:
-                _tile_4(a, a_group + m * lda, lda, packed, b_off, c, c_off + m * ldc, ldc, depth)
-                m += 4
-            while m < rows:
-                _tile_1(a, a_group + m * lda, lda, packed, b_off, c, c_off + m * ldc, ldc, depth)
-                m += 1
-
-
-@njit(error_model="numpy", cache=True)
-def pack_forward(recurrent_kernel):
-    """[4, P, H, PANEL]: each gate block of [H, 4H] in panels of PANEL columns, zero-padded."""
-    H = recurrent_kernel.shape[0]
-    panels = -(-H // PANEL)
-    packed = np.zeros((4, panels, H, PANEL), np.float32)
-    for g in range(4):
-        for p in range(panels):
-            j1 = min(PANEL, H - p * PANEL)
-            for k in range(H):
-                for j in range(j1):
-                    packed[g, p, k, j] = recurrent_kernel[k, g * H + p * PANEL + j]
-    return packed
-
-
-@njit(error_model="numpy", cache=True)
-def pack_backward(recurrent_kernel):
-    """[P, 4H, PANEL]: the transpose [4H, H] in panels of PANEL columns, zero-padded."""
-    H = recurrent_kernel.shape[0]
-    panels = -(-H // PANEL)
-    packed = np.zeros((panels, 4 * H, PANEL), np.float32)
-    for p in range(panels):
-        j1 = min(PANEL, H - p * PANEL)
-        for j in range(j1):
-            for k in range(4 * H):
-                packed[p, k, j] = recurrent_kernel[p * PANEL + j, k]
-    return packed
 
 
 @njit(error_model="numpy", cache=True)
@@ -335,130 +269,3 @@ def block_kernels(activation, recurrent_activation):
                        d_h0, d_c0)
 
     return forward_block, backward_block
-
-
-def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
-            recurrent_activation, zero_output_for_mask, training, out=None):
-    """Runs `forward_steps` over blocks of rows, on NumPy arrays, batch-major.
-
-    Args:
-        xw: [N, T, 4H]; recurrent_kernel: [H, 4H]; h0, c0: [N, H].
-        mask: [N, T] bool or None; recurrent_mask: [4, N, H] or None.
-        training: save what `backward` needs.
-        out: C-contiguous float32 arrays to write the results into (a framework's
-            own buffers), in the order returned; allocated here when None.
-
-    Returns:
-        `(outputs [N, T, H], h_n, c_n, saved)`, with `saved = (h_in, c_seq,
-        gates)` when training, else None; `h_in` [N, T, H] holds the state
-        each step read, for the recurrent kernel's gradient.
-    """
-    N, T, H4 = xw.shape
-    H = H4 // 4
-    steps = T if training else 0
-    shapes = [(N, T, H), (N, H), (N, H), (N, steps, H), (N, T + 1 if training else 0, H),
-              (N, steps, H4)]
-    outputs, h_n, c_n, h_in, c_seq, gates = _results(shapes, out)
-    packed = pack_forward(_f32(recurrent_kernel))
-    arguments = (
-        _f32(xw), packed, _f32(h0), _f32(c0), _mask_or_empty(mask, N),
-        _recurrent_mask_or_empty(recurrent_mask, N, H), bool(zero_output_for_mask),
-        outputs, h_n, c_n, h_in, c_seq, gates)
-    _run_kernel("forward", activation, recurrent_activation, arguments, N, T * 8 * H * H)
-    saved = (h_in, c_seq, gates) if training else None
-    return outputs, h_n, c_n, saved
-
-
-def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activation,
-             zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n, out=None):
-    """Runs `backward_steps` over blocks of rows, on NumPy arrays, batch-major.
-
-    Args:
-        out: arrays to write the results into, as for `forward`, or None.
-
-    Returns:
-        `(d_xw [N, T, 4H], d_h0, d_c0)`.
-    """
-    _, c_seq, gates = saved
-    N, T, H = d_outputs.shape
-    d_xw, d_h0, d_c0 = _results([(N, T, 4 * H), (N, H), (N, H)], out)
-    arguments = (
-        pack_backward(_f32(recurrent_kernel)), _mask_or_empty(mask, N),
-        _recurrent_mask_or_empty(recurrent_mask, N, H), bool(zero_output_for_mask), c_seq,
-        gates, _f32(d_outputs), _f32(d_h_n), _f32(d_c_n), d_xw, d_h0, d_c0)
-    _run_kernel("backward", activation, recurrent_activation, arguments, N, T * 8 * H * H)
-    return d_xw, d_h0, d_c0
-
-
-def _run_kernel(direction, activation, recurrent_activation, arguments, rows, flops_per_row):
-    """Runs the `direction` ("forward" or "backward") block kernel of an activation pair
-    over blocks of `rows`, announcing its first compile."""
-    forward_block, backward_block = block_kernels(int(activation), int(recurrent_activation))
-    kernel = forward_block if direction == "forward" else backward_block
-    with compile_notice.on_first_compile(direction, activation, recurrent_activation, kernel):
-        run_blocks(kernel, arguments, rows, flops_per_row)
-
-
-def warm_up(activation, recurrent_activation, training=True):
-    """Compiles the kernels of one activation pair, or loads them from Numba's disk cache.
-
-    Args:
-        activation, recurrent_activation: codes from `gates.ACTIVATION_CODES`.
-        training: the backward kernel too, not only the forward one.
-
-    Returns:
-        `(compiled, cache_path)`: whether any kernel was compiled rather than
-        loaded, and where Numba caches them.
-    """
-    xw = np.zeros((1, 1, 4), np.float32)
-    recurrent_kernel = np.zeros((1, 4), np.float32)
-    state = np.zeros((1, 1), np.float32)
-    outputs, h_n, c_n, saved = forward(xw, recurrent_kernel, state, state, None, None,
-                                       activation, recurrent_activation, False, training)
-    if training:
-        backward(recurrent_kernel, None, None, activation, recurrent_activation, False, saved,
-                 outputs, h_n, c_n)
-    kernels = block_kernels(int(activation), int(recurrent_activation))[:2 if training else 1]
-    compiled = any(sum(kernel.stats.cache_misses.values()) for kernel in kernels)
-    return compiled, kernels[0].stats.cache_path
-
-
-def aligned_empty(shape, alignment=64):
-    """An uninitialized float32 array whose data is 64-byte aligned: TensorFlow
-    adopts such a callback result without copying it."""
-    size = int(np.prod(shape)) * 4
-    buffer = np.empty(size + alignment, np.uint8)
-    start = -buffer.ctypes.data % alignment
-    return buffer[start:start + size].view(np.float32).reshape(shape)
-
-
-def _results(shapes, out):
-    """The arrays a driver writes its results into: `out`, checked, or new aligned ones."""
-    if out is None:
-        return [aligned_empty(shape) for shape in shapes]
-    out = list(out)[:len(shapes)] + [aligned_empty(s) for s in shapes[len(out):]]
-    for array, shape in zip(out, shapes):
-        if (array.shape != tuple(shape) or array.dtype != np.float32
-                or not array.flags.c_contiguous or not array.flags.writeable):
-            raise ValueError(
-                f"Expected a writable C-contiguous float32 array of shape {tuple(shape)} to "
-                f"write a result into. Received: shape={array.shape}, dtype={array.dtype}, "
-                f"flags={'C' if array.flags.c_contiguous else 'not C'}-contiguous, "
-                f"{'writable' if array.flags.writeable else 'read-only'}")
-    return out
-
-
-def _f32(array):
-    return np.ascontiguousarray(array, np.float32)
-
-
-def _mask_or_empty(mask, N):
-    if mask is None:
-        return np.zeros((N, 0), np.bool_)
-    return np.ascontiguousarray(mask, np.bool_)
-
-
-def _recurrent_mask_or_empty(recurrent_mask, N, H):
-    if recurrent_mask is None:
-        return np.zeros((0, N, H), np.float32)
-    return _f32(recurrent_mask)

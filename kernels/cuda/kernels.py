@@ -57,7 +57,7 @@ import numpy as np
 from cuda.core.utils import StridedMemoryView
 from numba import config, cuda, float32, types, uint64
 
-from .gates import ACTIVATION_CODES, SIGMOID, TANH, compile_gates
+from ..gates import ACTIVATION_CODES, SIGMOID, TANH, compile_gates
 
 _gates = compile_gates(cuda.jit(device=True, inline="always"))
 _cell_forward = _gates.cell_forward
