@@ -5,7 +5,7 @@ Parts: the input projection (a TF matmul), the forward recurrence
 (`fusedlstm.kernels.cpu.forward`, without and with saving for training), the
 cell math alone (the kernels' own row functions over every row and step, one
 thread), the backward recurrence (`backward`) and the weight gradients (the TF
-matmuls of `fusedlstm.projection.gate_weight_grad`). `kernel_report.py`
+matmuls of `fusedlstm.backends.projection.gate_weight_grad`). `kernel_report.py`
 subtracts: framework glue = the layer - its parts. (The
 inputs' gradient is not part of the training step timed: its inputs are
 constants, and TensorFlow prunes what no fetched result needs.)

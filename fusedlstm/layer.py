@@ -50,7 +50,7 @@ class LSTM(keras.layers.LSTM):
     `ValueError` naming the reason. On a GPU, `"auto"` runs fused only where
     the stock layer would leave cuDNN (masks other than right-padded,
     recurrent dropout, activations cuDNN lacks) or where the performance
-    model predicts a win, and cuDNN elsewhere (rule: `fusedlstm.gpu_policy`).
+    model predicts a win, and cuDNN elsewhere (rule: `fusedlstm.backends.gpu_policy`).
 
     On TensorFlow and PyTorch the kernel is a Python callback, so the layer
     sets `supports_jit = False` and Keras runs the model without XLA. On JAX

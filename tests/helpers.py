@@ -40,7 +40,7 @@ def to_numpy(x):
 
 
 def run_with_grads(layer, x, mask=None, initial_state=None, training=False, seed=0):
-    """`fusedlstm.report.outputs_and_grads`, with the tests' default probe seed."""
+    """`fusedlstm.testing.parity.outputs_and_grads`, with the tests' default probe seed."""
     return outputs_and_grads(layer, x, mask, initial_state, training, seed)
 
 

@@ -1,4 +1,4 @@
-"""The TensorFlow GPU path of `fusedlstm.ops_tensorflow`, checked on the CPU.
+"""The TensorFlow GPU path of `fusedlstm.backends.tensorflow`, checked on the CPU.
 
 No TensorFlow GPU build runs here, so these tests check the pieces one by
 one: the orchestration (`tf.py_function` callbacks, custom gradient, the

@@ -1,7 +1,7 @@
 """JAX glue: the fused LSTM sequence as XLA custom calls in a `jax.custom_vjp`.
 
 The projection, the inputs' gradient and the weight gradients run as JAX ops
-(`fusedlstm.projection`). The recurrence runs in one CPU custom call
+(`fusedlstm.backends.projection`). The recurrence runs in one CPU custom call
 (`jax.ffi.ffi_call`), its backward pass in another; their handlers
 (`fusedlstm.xla_ffi`) hand XLA's buffers to the kernels' NumPy host drivers
 (batch-major arrays, as Keras holds them). So the op runs inside `jax.jit`,

@@ -1,7 +1,7 @@
 """TensorFlow glue: the fused LSTM sequence as a `tf.custom_gradient` op.
 
 The projection, the inputs' gradient and the weight gradients run as TF
-matmuls (`fusedlstm.projection`). On the CPU, the recurrence and its backward
+matmuls (`fusedlstm.backends.projection`). On the CPU, the recurrence and its backward
 pass run in `tf.numpy_function` callbacks on the CPU kernels, whose NumPy host
 drivers allocate the outputs. On a GPU, they run on the CUDA kernels in
 `tf.py_function` callbacks, whose GPU kernel hands them the GPU tensors as they

@@ -4,7 +4,7 @@ CPU tensors reach the `njit` kernels as NumPy views that share their memory.
 CUDA tensors reach the CUDA kernels as they are (CUDA array interface),
 launched on PyTorch's current stream so that nothing waits on the host. The
 projection, the inputs' gradient and the weight gradients run as PyTorch
-matmuls (`fusedlstm.projection`) on either device.
+matmuls (`fusedlstm.backends.projection`) on either device.
 
 Keras first calls layers on "meta" tensors to infer shapes: those calls get
 empty meta outputs and run no kernel. When the forward pass ran without saving
