@@ -69,7 +69,10 @@ def vector_target():
         features = get_host_cpu_features()
     triple = ll.get_process_triple()
     arch = triple.split("-")[0]
-    asm = _probe_assembly(triple, cpu, features)
+    try:
+        asm = _probe_assembly(triple, cpu, features)
+    except Exception:  # a target LLVM cannot emit here: the portable tile, no FMA
+        return VectorTarget("portable", arch, cpu, 4, 16, False)
     fma = "fmaf" not in asm
     if arch in ("x86_64", "i386", "i686"):
         lanes = 16 if "zmm" in asm else 8 if "ymm" in asm else 4
