@@ -207,12 +207,12 @@ def main():
                                     "errors": errors})
             if not args.json:
                 worst = max(errors, key=lambda k: errors[k][0] / errors[k][1])
+                forward = max(errors[k][0] for k in ("outputs", "h_n", "c_n"))
+                backward = max(e for k, (e, _) in errors.items() if k.startswith("d_"))
                 print(f"(N,T,H)=({N},{T},{H}){' masked' if N == 5 else ''}: "
-                      f"{'PASS' if passed else 'FAIL'} in {time.perf_counter() - case_start:.1f} s; "
-                      f"max error forward {max(errors[k][0] for k in ('outputs', 'h_n', 'c_n')):.2e}, "
-                      f"backward {max(e for k, (e, _) in errors.items() if k.startswith('d_')):.2e}; "
-                      f"worst {worst} {errors[worst][0]:.2e} <= {errors[worst][1]:.2e}",
-                      flush=True)
+                      f"{'PASS' if passed else 'FAIL'} in {time.perf_counter() - case_start:.1f} s;"
+                      f" max error forward {forward:.2e}, backward {backward:.2e}; worst {worst}"
+                      f" {errors[worst][0]:.2e} <= {errors[worst][1]:.2e}", flush=True)
     report["pass"] = ok
     report["seconds"] = round(time.perf_counter() - start, 1)
     if args.json:
