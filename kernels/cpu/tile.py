@@ -16,9 +16,9 @@ tunes its vectorizer for the host.
 
 The width is the target's: `vector_target()` asks LLVM, for the CPU name and
 features Numba compiles for (`NUMBA_CPU_NAME`, `NUMBA_CPU_FEATURES`, else the
-host), how it lowers a 16-float multiply-add: zmm registers (AVX-512, 32 of
-them), ymm (AVX2, 16), xmm or NEON (4 floats; AArch64 has 32 registers), and
-whether it has a fused multiply-add at all (without one, `llvm.fma` becomes a
+host), how it lowers a 16-float add and multiply-add: zmm registers (AVX-512,
+32 of them), ymm (AVX2 or AVX, 16), xmm or NEON (4 floats; AArch64 has 32
+registers), and whether it has a fused multiply-add at all (without one, `llvm.fma` becomes a
 call to libm's `fmaf` per lane, so the tile multiplies and adds instead).
 `panels` picks the tile shapes that fit that many registers.
 
@@ -86,7 +86,7 @@ def vector_target():
 
 
 def _probe_assembly(triple, cpu, features):
-    """The assembly of `p[0] = fma(p[0], p[1], p[2])` on 16 floats, for that target."""
+    """The assembly of `p[0], p[1] = fma(p[0], p[1], p[2]), p[0] + p[1]` on 16 floats."""
     ll.initialize_native_target()
     ll.initialize_native_asmprinter()
     vector = ir.VectorType(_F32, 16)
@@ -99,6 +99,9 @@ def _probe_assembly(triple, cpu, features):
               for i in range(3)]
     fma = ir.Function(module, ir.FunctionType(vector, [vector] * 3), "llvm.fma.v16f32")
     builder.store(builder.call(fma, values), pointer, align=4)
+    # A plain add too, for the widest registers where the multiply-add is a libm call.
+    builder.store(builder.fadd(values[0], values[1]),
+                  builder.gep(pointer, [ir.Constant(_INDEX, 1)]), align=4)
     builder.ret_void()
     parsed = ll.parse_assembly(str(module))
     parsed.verify()
