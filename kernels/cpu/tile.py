@@ -61,7 +61,7 @@ def vector_target():
     host's), so the answer changes exactly when Numba's disk cache key does
     (it holds the same name and features) and cached kernels always match the
     tile shapes of this process. Lanes and FMA come from LLVM itself: it
-    compiles one 16-float multiply-add for that target (a few milliseconds).
+    compiles a 16-float multiply-add and add for that target (milliseconds).
     """
     cpu = config.CPU_NAME or ll.get_host_cpu_name()
     features = config.CPU_FEATURES
