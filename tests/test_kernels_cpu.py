@@ -2,7 +2,11 @@
 of rows and the recurrence against the float64 reference, without a framework
 in between."""
 
-import re
+import json
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +17,9 @@ from fusedlstm.kernels import cpu
 from fusedlstm.kernels.cpu import panels, steps
 from fusedlstm.kernels import gates
 from fusedlstm.kernels.cpu import threads
-from fusedlstm.kernels.cpu.tile import LANES, make_tile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "platforms"))
+import kernel_check  # noqa: E402  (tests/platforms: the same checks, without Keras)
 
 BACKEND_INDEPENDENT = True  # see conftest.py
 
@@ -43,63 +49,108 @@ def test_activations_pass_nan_through():
         assert np.isnan(activate_all(code, xs)[0])
 
 
-_TILES = {rows: make_tile(rows, 2, unroll) for rows, unroll in ((8, 1), (4, 2), (1, 4))}
-_tile_8, _tile_4, _tile_1 = _TILES[8], _TILES[4], _TILES[1]
+_tile_a, _tile_b, _tile_c = panels.TILES
+_ROWS = tuple(rows for rows, _ in panels.TILE_SHAPES)
 
 
 @njit
-def tile_product(rows, a, b_panel, c):
-    """c[:rows] = a[:rows] @ b_panel through the tile of that many rows (lda = a's width)."""
+def tile_product(index, a, b_panel, c):
+    """c[:rows] = a[:rows] @ b_panel through tile `index` of `panels.TILES` (lda = a's width)."""
     depth = a.shape[1]
-    if rows == 8:
-        _tile_8(a, 0, depth, b_panel, 0, c, 0, c.shape[1], depth)
-    elif rows == 4:
-        _tile_4(a, 0, depth, b_panel, 0, c, 0, c.shape[1], depth)
+    if index == 0:
+        _tile_a(a, 0, depth, b_panel, 0, c, 0, c.shape[1], depth)
+    elif index == 1:
+        _tile_b(a, 0, depth, b_panel, 0, c, 0, c.shape[1], depth)
     else:
-        _tile_1(a, 0, depth, b_panel, 0, c, 0, c.shape[1], depth)
+        _tile_c(a, 0, depth, b_panel, 0, c, 0, c.shape[1], depth)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize("index", range(len(_ROWS)))
 @pytest.mark.parametrize("depth", [1, 3, 17, 256])
-def test_tile_matches_float64_product(rows, depth):
+def test_tile_matches_float64_product(index, depth):
+    rows = _ROWS[index]
     rng = np.random.default_rng(depth)
     a = rng.normal(size=(rows, depth)).astype("float32")
-    b = rng.normal(size=(depth, 2 * LANES)).astype("float32")
-    c = np.full((rows, 2 * LANES), np.nan, "float32")
-    tile_product(rows, a, b, c)
+    b = rng.normal(size=(depth, panels.PANEL)).astype("float32")
+    c = np.full((rows, panels.PANEL), np.nan, "float32")
+    tile_product(index, a, b, c)
     exact = a.astype("float64") @ b.astype("float64")
     bound = 4 * np.finfo("float32").eps * (np.abs(a) @ np.abs(b)).max()
     assert np.abs(c - exact).max() <= bound
 
 
+def test_tiles_cover_a_block_of_rows_and_the_panel_is_whole_vectors():
+    assert _ROWS[-1] == 1 and list(_ROWS) == sorted(_ROWS, reverse=True)
+    # A block of rows (a multiple of 8) takes the two larger tiles only.
+    assert threads.MIN_ROWS_PER_BLOCK % _ROWS[0] % _ROWS[1] == 0
+    assert panels.PANEL == panels.VECTORS * panels.TARGET.lanes
+    for rows, unroll in panels.TILE_SHAPES:
+        assert rows * panels.VECTORS * unroll + panels.VECTORS + 1 <= panels.TARGET.registers
+
+
+def assert_tiles_stay_in_registers(assembly, isa):
+    """The tiles are only fast if LLVM keeps them in registers: multiply-adds on the
+    ISA's full vectors, and no stack access inside their loops."""
+    register = {"avx512": "z", "avx2": "y", "neon": "v"}[isa]
+    for name, counts in assembly.items():
+        fmas = counts["fma"]
+        assert fmas[register] > 0 and sum(fmas.values()) == fmas[register], (name, counts)
+        assert counts["fmaf_calls"] == 0 and counts["loops"] >= 1, (name, counts)
+        # panel_products reloads an integer from the stack in one loop on AVX-512 (as
+        # before the tiles followed the ISA); no vector spills or reloads anywhere.
+        spills = "vector_stack_in_loops" if name == "panel_products" else "stack_in_loops"
+        assert counts[spills] == 0, f"{name} spills inside its loop: {counts}"
+    assert assembly["panel_products"]["fma"][register] >= 32
+
+
 def test_tile_keeps_its_accumulators_in_vector_registers():
-    """The tile is only fast if LLVM keeps it in registers: vector multiply-adds,
-    no spills to the stack inside the loop."""
-    for rows in (8, 4, 1):
-        tile_product(rows, np.ones((rows, 5), "float32"), np.ones((5, 2 * LANES), "float32"),
-                     np.empty((rows, 2 * LANES), "float32"))
-    asm = "\n".join(tile_product.inspect_asm().values())
-    fmas = re.findall(r"vfmadd\w*ps\s+[^\n]*%([xyz])mm", asm)
-    assert len(fmas) >= 16 + 8 + 8
-    assert set(fmas) <= {"y", "z"}, "the multiply-adds must work on 256- or 512-bit vectors"
-    fma_loops = [loop for loop in loops(asm.splitlines()) if any("vfmadd" in line for line in loop)]
-    assert len(fma_loops) >= 3
-    for loop in fma_loops:
-        assert not [line for line in loop if "(%rsp)" in line], "a tile spills inside its loop"
+    """On this machine's own ISA; the other x86 ISAs run in subprocesses below (AArch64:
+    `tests/platforms/aarch64_root.sh ROOT --asm` shows the same counts under qemu)."""
+    if panels.TARGET.isa not in ("avx512", "avx2", "neon"):
+        pytest.skip(f"the assembly is checked on x86 AVX-512 and AVX2 and on NEON; Numba "
+                    f"compiles for {panels.TARGET.isa} ({panels.TARGET.arch}, "
+                    f"{panels.TARGET.cpu}) here")
+    assert_tiles_stay_in_registers(kernel_check.tile_assembly(), panels.TARGET.isa)
 
 
-def loops(lines):
-    """Each loop of an assembly listing: the lines from a label to a jump back to it."""
-    labels = {}
-    found = []
-    for index, line in enumerate(lines):
-        label = re.match(r"^(\.\w+):", line)
-        if label:
-            labels[label.group(1)] = index
-        jump = re.match(r"^\s+j\w+\s+(\.\w+)$", line)
-        if jump and jump.group(1) in labels:
-            found.append(lines[labels[jump.group(1)]:index + 1])
-    return found
+def run_kernel_check(tmp_path, cpu_name, *options):
+    """`tests/platforms/kernel_check.py --json` under NUMBA_CPU_NAME=cpu_name with that
+    CPU's own features only (NUMBA_CPU_FEATURES="": without it Numba would add the
+    host's, AVX-512 included), in a cache folder of its own so that kernels compiled
+    for different ISAs never share one."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"NUMBA_CPU_NAME={cpu_name} is an x86 CPU; this is {platform.machine()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU_")}
+    env.update(NUMBA_CPU_NAME=cpu_name, NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, kernel_check.__file__, "--json", *options],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_avx2_tiles_use_ymm_without_spills(tmp_path):
+    report = run_kernel_check(tmp_path, "haswell", "--asm")
+    assert report["target"]["isa"] == "avx2" and report["target"]["panel"] == 16, report["target"]
+    assert_tiles_stay_in_registers(report["assembly"], "avx2")
+
+
+def test_without_fma_the_tiles_multiply_and_add_instead_of_calling_libm(tmp_path):
+    report = run_kernel_check(tmp_path, "generic", "--asm")
+    assert report["target"]["fma"] is False, report["target"]
+    for name, counts in report["assembly"].items():
+        assert counts["fmaf_calls"] == 0 and counts["mul_add"] > 0, (name, counts)
+        assert counts["vector_stack_in_loops"] == 0, (name, counts)
+
+
+@pytest.mark.parametrize("cpu_name,isa", [("haswell", "avx2"), ("generic", "sse")])
+def test_kernels_match_reference_on_other_x86_isas(tmp_path, cpu_name, isa):
+    """Forward and backward against the float64 reference, error model as above,
+    at (N, T, H) = (1, 7, 3), (5, 9, 17) masked and (16, 20, 64)."""
+    report = run_kernel_check(tmp_path, cpu_name)
+    assert report["target"]["isa"] == isa, report["target"]
+    failed = {tuple(case["shape"]): {k: e for k, e in case["errors"].items() if e[0] > e[1]}
+              for case in report["cases"] if not case["pass"]}
+    assert report["pass"] and not failed, failed
 
 
 def random_problem(rng, N, T, C, H):

@@ -3,18 +3,42 @@
 `panel_products` runs the register tile of `tile` over every panel and row
 tile of one step's product; `pack_forward` and `pack_backward` lay the
 recurrent kernel (and its transpose) out in the panels it reads.
+
+The tile shapes and the panel width follow the vector target Numba compiles
+for (`tile.vector_target`), fixed when this module is imported: Numba freezes
+`PANEL` and the tiles into the compiled kernels, and its disk cache is keyed
+on the same CPU name and features, so a kernel cached for one ISA is never
+loaded for another. Three tiles per target, largest first, so that a block of
+8 rows (`threads.MIN_ROWS_PER_BLOCK`) takes whole tiles.
 """
 
 import numpy as np
 from numba import njit
 
-from .tile import LANES, make_tile
+from .tile import make_tile, vector_target
 
-_VECTORS = 2
-PANEL = _VECTORS * LANES
-_tile_8 = make_tile(8, _VECTORS, 1)
-_tile_4 = make_tile(4, _VECTORS, 2)
-_tile_1 = make_tile(1, _VECTORS, 4)
+# isa: (vectors per panel row, ((rows, unroll), ...) largest first, ending in 1 row).
+# Accumulators per tile: rows * vectors * unroll vector registers, leaving
+# room for the `vectors` B vectors and a broadcast of A.
+PLANS = {
+    # 16 of the 32 zmm registers: the tile the speed numbers were measured with.
+    "avx512": (2, ((8, 1), (4, 2), (1, 4))),
+    # 12 of the 16 ymm registers (BLIS's 6x16 Haswell shape): 6 + 2 rows per block of 8.
+    "avx2": (2, ((6, 1), (2, 3), (1, 4))),
+    "avx": (2, ((6, 1), (2, 3), (1, 4))),
+    # 16 of the 32 NEON registers, 4 floats each.
+    "neon": (4, ((4, 1), (2, 2), (1, 4))),
+    # 8 of 16 registers of 4 floats (SSE2, or an architecture not known here).
+    "sse": (2, ((4, 1), (2, 2), (1, 4))),
+    "portable": (2, ((4, 1), (2, 2), (1, 4))),
+}
+
+TARGET = vector_target()
+VECTORS, TILE_SHAPES = PLANS[TARGET.isa]
+PANEL = VECTORS * TARGET.lanes
+TILES = tuple(make_tile(rows, VECTORS, unroll) for rows, unroll in TILE_SHAPES)
+(_ROWS_A, _), (_ROWS_B, _), _ = TILE_SHAPES
+_tile_a, _tile_b, _tile_1 = TILES
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
@@ -35,12 +59,12 @@ def panel_products(a, a_off, a_group_off, lda, rows, depth, packed, b_group_off,
             b_off = g * b_group_off + p * b_panel_off
             c_off = g * c_group_off + p * PANEL
             m = 0
-            while m + 8 <= rows:
-                _tile_8(a, a_group + m * lda, lda, packed, b_off, c, c_off + m * ldc, ldc, depth)
-                m += 8
-            while m + 4 <= rows:
-                _tile_4(a, a_group + m * lda, lda, packed, b_off, c, c_off + m * ldc, ldc, depth)
-                m += 4
+            while m + _ROWS_A <= rows:
+                _tile_a(a, a_group + m * lda, lda, packed, b_off, c, c_off + m * ldc, ldc, depth)
+                m += _ROWS_A
+            while m + _ROWS_B <= rows:
+                _tile_b(a, a_group + m * lda, lda, packed, b_off, c, c_off + m * ldc, ldc, depth)
+                m += _ROWS_B
             while m < rows:
                 _tile_1(a, a_group + m * lda, lda, packed, b_off, c, c_off + m * ldc, ldc, depth)
                 m += 1
