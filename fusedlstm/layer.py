@@ -193,8 +193,7 @@ class LSTM(keras.layers.LSTM):
         )
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        if self.use_fused is False or sequences.shape[0] == 0:
-            # An empty batch behaves as in the stock layer of each backend.
+        if self.use_fused is False:
             return super().inner_loop(sequences, initial_state, mask, training=training)
         if not self._fused_enabled():
             self._warn_fallback_once()
