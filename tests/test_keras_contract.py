@@ -80,8 +80,22 @@ def test_symbolic_output_shape_and_dtype():
     assert seq.dtype == "float32"
 
 
-def test_layer_supports_masking():
-    assert fusedlstm.LSTM(2).supports_masking
+def test_a_mask_from_a_masking_layer_is_applied_and_passed_on(fused_calls):
+    """Keras hands the layer a mask (supports_masking), the layer skips the masked
+    steps, and with return_sequences passes the mask on to the next layer."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 3)).astype("float32")
+    padded = np.concatenate([x, np.zeros((2, 3, 3), "float32")], axis=1)
+    layer = fusedlstm.LSTM(5)
+    direct = to_numpy(layer(x))
+    model = keras.Sequential([keras.Input((7, 3)), keras.layers.Masking(0.0), layer])
+    np.testing.assert_allclose(to_numpy(model(padded)), direct, atol=1e-6)
+    assert np.abs(to_numpy(layer(padded)) - direct).max() > 1e-3  # the padding matters
+    mask = np.arange(7)[None, :].repeat(2, 0) < 4
+    sequences = fusedlstm.LSTM(5, return_sequences=True)
+    np.testing.assert_array_equal(to_numpy(sequences.compute_mask(padded, mask)), mask)
+    assert layer.compute_mask(padded, mask) is None
+    assert fused_calls
 
 
 def test_embedding_mask_zero_runs_fused(fused_calls):
