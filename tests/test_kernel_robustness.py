@@ -38,12 +38,16 @@ def forward(p, training=False):
 @pytest.fixture
 def fresh_threads(monkeypatch):
     """`threads` with nothing parsed, read or overridden yet (restored afterwards)."""
-    monkeypatch.setattr(threads, "_requested", threads._UNSET)
-    monkeypatch.setattr(threads, "_quota", threads._UNSET)
-    monkeypatch.setattr(threads, "_override", None)
-    monkeypatch.delenv(threads.THREADS_ENV, raising=False)
-    yield
-    threads.set_thread_count(None)
+    unset = getattr(threads, "_UNSET", None)
+    for name, value in (("_requested", unset), ("_quota", unset), ("_override", None)):
+        monkeypatch.setattr(threads, name, value, raising=False)
+    monkeypatch.delenv("FUSEDLSTM_NUM_THREADS", raising=False)
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """Every call runs on two threads, whatever this machine has."""
+    monkeypatch.setattr(threads, "thread_count", lambda: 2)
 
 
 def bad(value):
@@ -140,8 +144,7 @@ def run_with_timeout(function, seconds=60):
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_empty_batch_returns_empty_results(training, fresh_threads):
-    threads.set_thread_count(2)
+def test_empty_batch_returns_empty_results(training, two_threads):
     p = problem(n=0, t=T)
     outputs, h_n, c_n, saved = run_with_timeout(lambda: forward(p, training))
     assert outputs.shape == (0, T, H) and h_n.shape == c_n.shape == (0, H)
@@ -153,8 +156,7 @@ def test_empty_batch_returns_empty_results(training, fresh_threads):
         assert d_xw.shape == (0, T, 4 * H) and d_h0.shape == d_c0.shape == (0, H)
 
 
-def test_run_blocks_with_no_rows_returns(fresh_threads):
-    threads.set_thread_count(2)
+def test_run_blocks_with_no_rows_returns(two_threads):
     calls = []
     run_with_timeout(lambda: threads.run_blocks(lambda *a: calls.append(a), (), 0, 1 << 30))
     assert calls == []
@@ -189,7 +191,7 @@ def test_cpu_count_without_sched_getaffinity(monkeypatch, fresh_threads):
     p = problem(*BIG)
     want = forward(p)[0]
     monkeypatch.undo()
-    threads.set_thread_count(1)
+    monkeypatch.setattr(threads, "thread_count", lambda: 1)
     np.testing.assert_array_equal(want, forward(p)[0])
 
 
@@ -210,8 +212,8 @@ def test_cgroup_cpu_quota(tmp_path, files, quota):
 
 def test_cgroup_quota_caps_the_cpu_count(monkeypatch, fresh_threads):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setattr(threads, "_quota", 1.5)
-    assert threads.thread_count() == 2
+    monkeypatch.setattr(threads, "_quota", 2.5)
+    assert threads.thread_count() == 3
 
 
 @pytest.mark.parametrize("text", ["0", "-2", "two", "1.5", "3 threads"])
@@ -229,13 +231,19 @@ def test_thread_count_variable_is_read_once(monkeypatch, fresh_threads):
     assert threads.thread_count() == 3
     with pytest.raises(ValueError, match="positive integer or None"):
         threads.set_thread_count(0)
+    threads.set_thread_count(4)
+    try:
+        assert threads.thread_count() == 4
+    finally:
+        threads.set_thread_count(None)
+    assert threads.thread_count() == 3
 
 
-def test_pool_follows_the_thread_count(fresh_threads):
+def test_pool_follows_the_thread_count(monkeypatch):
     p = problem(*BIG)
     results = []
     for count in (2, 3, 2):
-        threads.set_thread_count(count)
+        monkeypatch.setattr(threads, "thread_count", lambda: count)
         results.append(forward(p)[0])
         assert threads._pool._max_workers == count - 1
     np.testing.assert_array_equal(results[0], results[1])
@@ -307,8 +315,7 @@ print("child", os.waitstatus_to_exitcode(status))
     assert run_script(script).split()[-1] == "0"
 
 
-def test_concurrent_calls_from_four_threads_agree(fresh_threads):
-    threads.set_thread_count(2)
+def test_concurrent_calls_from_four_threads_agree(two_threads):
     p = problem(*BIG, seed=4)
     want = forward(p, training=True)
     results, errors = [], []
