@@ -116,13 +116,21 @@ class LSTM(keras.layers.LSTM):
     Call arguments:
         inputs: A 3D tensor, with shape `(batch, timesteps, feature)`.
         mask: Binary tensor of shape `(samples, timesteps)` indicating whether
-            a given timestep should be masked (optional).
+            a given timestep should be masked (optional). A mask of shape
+            `(1, timesteps)` applies to every sample, as in the stock layer.
         training: Python boolean indicating whether the layer should behave in
             training mode or in inference mode. Only relevant if `dropout` or
             `recurrent_dropout` is used (optional).
         initial_state: List of initial state tensors `[h, c]`, each of shape
             `(batch, units)`, to be passed to the first call of the cell
-            (optional).
+            (optional). A state of shape `(1, units)` starts every sample,
+            as in the stock layer (not on JAX, whose stock layer refuses it).
+
+    Shapes that a `tf.function` trace leaves unknown (a `None` batch or
+    length) are checked when the call runs: a mask or state with the wrong
+    rows, length or units, or an empty sequence, raises an
+    `InvalidArgumentError` before the kernel runs. An empty batch returns
+    empty results.
 
     Returns:
         The same as `keras.layers.LSTM`: the last output `(batch, units)`,
