@@ -175,10 +175,10 @@ def register_cpu_target(name, handler):
 def _call(handler, frame_pointer):
     frame = frame_pointer.contents
     _require_error_channel(frame)
-    problem = _api_mismatch(frame)
-    if problem:
-        return _error(frame, problem)
     try:
+        problem = _api_mismatch(frame)
+        if problem:
+            return _error(frame, problem)
         if _answer_metadata_query(frame):
             return None
         if frame.stage != _STAGE_EXECUTE:
