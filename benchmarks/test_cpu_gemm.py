@@ -133,7 +133,7 @@ def test_gemm(benchmark, framework, shape, library, gemm, threads):
 def test_kernel(benchmark, framework, shape, mode, threads):
     if framework != "fusedlstm":
         pytest.skip("the kernels are timed with --framework fusedlstm")
-    import numba
+    from fusedlstm.kernels.cpu.threads import set_thread_count
 
     p = cases.KernelProblem(shape)
     if mode == "train":
@@ -146,9 +146,8 @@ def test_kernel(benchmark, framework, shape, mode, threads):
     benchmark.group = f"{shape}/gemm/kernel"
     benchmark.name = f"kernel_{mode}/{threads}"
     benchmark.extra_info.update(shape=shape, kind="kernel", mode=mode, threads=THREADS[threads])
-    before = numba.get_num_threads()
-    numba.set_num_threads(THREADS[threads])
+    set_thread_count(THREADS[threads])
     try:
         benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2, iterations=1)
     finally:
-        numba.set_num_threads(before)
+        set_thread_count(None)

@@ -116,13 +116,21 @@ class LSTM(keras.layers.LSTM):
     Call arguments:
         inputs: A 3D tensor, with shape `(batch, timesteps, feature)`.
         mask: Binary tensor of shape `(samples, timesteps)` indicating whether
-            a given timestep should be masked (optional).
+            a given timestep should be masked (optional). A mask of shape
+            `(1, timesteps)` applies to every sample, as in the stock layer.
         training: Python boolean indicating whether the layer should behave in
             training mode or in inference mode. Only relevant if `dropout` or
             `recurrent_dropout` is used (optional).
         initial_state: List of initial state tensors `[h, c]`, each of shape
             `(batch, units)`, to be passed to the first call of the cell
-            (optional).
+            (optional). A state of shape `(1, units)` starts every sample,
+            as in the stock layer (not on JAX, whose stock layer refuses it).
+
+    Shapes that a `tf.function` trace leaves unknown (a `None` batch or
+    length) are checked when the call runs: a mask or state with the wrong
+    rows, length or units, or an empty sequence, raises an
+    `InvalidArgumentError` before the kernel runs. An empty batch returns
+    empty results.
 
     Returns:
         The same as `keras.layers.LSTM`: the last output `(batch, units)`,
@@ -193,8 +201,7 @@ class LSTM(keras.layers.LSTM):
         )
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        if self.use_fused is False or sequences.shape[0] == 0:
-            # An empty batch behaves as in the stock layer of each backend.
+        if self.use_fused is False:
             return super().inner_loop(sequences, initial_state, mask, training=training)
         if not self._fused_enabled():
             self._warn_fallback_once()
@@ -221,8 +228,11 @@ class LSTM(keras.layers.LSTM):
                 input_mask = self._per_gate(dropout_mask)
             else:
                 x = x * ops.expand_dims(ops.cast(dropout_mask, "float32"), 1)
+        h0, c0 = (ops.cast(state, "float32") for state in initial_state[:2])
         if training and 0.0 < cell.recurrent_dropout < 1.0:
+            # Drawn on the state as given: a one-row state draws one row, as in the stock cell.
             recurrent_mask = self._per_gate(cell.get_recurrent_dropout_mask(initial_state[0]))
+        x, mask, h0, c0, recurrent_mask = self._conform(x, mask, h0, c0, recurrent_mask)
         units = cell.units
         bias = cell.bias if cell.use_bias else ops.zeros((4 * units,))
         config = fused_ops.RecurrenceConfig(
@@ -234,8 +244,8 @@ class LSTM(keras.layers.LSTM):
         outputs, h, c = fused_ops.lstm_sequence(
             x,
             *(ops.cast(w, "float32") for w in (cell.kernel, bias, cell.recurrent_kernel)),
-            ops.cast(initial_state[0], "float32"),
-            ops.cast(initial_state[1], "float32"),
+            h0,
+            c0,
             mask,
             input_mask,
             recurrent_mask,
@@ -245,6 +255,32 @@ class LSTM(keras.layers.LSTM):
         if not self.return_sequences:
             outputs = ops.expand_dims(last_output, 1)
         return last_output, outputs, [h, c]
+
+    def _conform(self, x, mask, h0, c0, recurrent_mask):
+        """Checks at run time what the trace could not, and broadcasts one-row masks
+        and states over the batch, as the stock layer does.
+
+        Only TensorFlow traces with unknown dimensions (`tf.function`, a `None`
+        batch or length): there, a mask or state with the wrong rows, length or
+        units raises an `InvalidArgumentError` before the kernel runs, as the
+        stock layer's ops do, and so does an empty sequence. Elsewhere
+        `_check_call_args` has checked every shape already.
+        """
+        units = self.cell.units
+        arrays = [x] + [a for a in (mask, h0, c0) if a is not None]
+        if any(d is None for a in arrays for d in a.shape):
+            x = _assert_runtime_shapes(self.name, x, mask, h0, c0, units)
+        batch, steps = ops.shape(x)[0], ops.shape(x)[1]
+
+        def broadcast(array, shape, axis):
+            if array is None or (array.shape[axis] is not None
+                                 and array.shape[axis] == x.shape[0]):
+                return array
+            return ops.broadcast_to(array, shape)
+
+        return (x, broadcast(mask, (batch, steps), 0), broadcast(h0, (batch, units), 0),
+                broadcast(c0, (batch, units), 0),
+                broadcast(recurrent_mask, (4, batch, units), 1))
 
     @staticmethod
     def _per_gate(masks):
@@ -280,10 +316,11 @@ class LSTM(keras.layers.LSTM):
                 )
         if isinstance(mask, (list, tuple)):
             mask = mask[0]
-        if mask is not None and not _shape_matches(mask.shape, (batch, steps)):
+        if mask is not None and not _shape_matches(mask.shape, (batch, steps), rows=True):
             raise ValueError(
                 f"Layer '{self.name}' expects a mask of shape (batch_size, timesteps) "
-                f"= {(batch, steps)}. Received: mask.shape={tuple(mask.shape)}"
+                f"= {(batch, steps)}, or (1, timesteps) for one mask over the batch. "
+                f"Received: mask.shape={tuple(mask.shape)}"
             )
         if initial_state is not None:
             self._check_initial_state(initial_state, batch)
@@ -296,11 +333,15 @@ class LSTM(keras.layers.LSTM):
                 f"Layer '{self.name}' expects 2 initial states [h, c], each of shape "
                 f"(batch_size, units) = {expected}. Received {len(states)} state(s)."
             )
+        # The stock layer broadcasts a one-row state over the batch, except on JAX
+        # (whose `lax.scan` refuses a carry that changes shape).
+        one_row = keras.backend.backend() != "jax"
         for name, state in zip("hc", states):
-            if not _shape_matches(state.shape, expected):
+            if not _shape_matches(state.shape, expected, rows=one_row):
                 raise ValueError(
                     f"Layer '{self.name}' expects initial state {name} of shape "
-                    f"(batch_size, units) = {expected}. "
+                    f"(batch_size, units) = {expected}"
+                    f"{', or (1, units) for one state over the batch' if one_row else ''}. "
                     f"Received: shape={tuple(state.shape)}"
                 )
 
@@ -325,11 +366,48 @@ def _jax_on_accelerator():
     return jax.default_backend() != "cpu"
 
 
-def _shape_matches(shape, expected):
+def _shape_matches(shape, expected, rows=False):
+    """Whether `shape` can be `expected` (None matches anything); with `rows`, a
+    first dimension of 1 matches too (broadcast over the batch)."""
     shape = tuple(shape)
     return len(shape) == len(expected) and all(
-        a is None or b is None or a == b for a, b in zip(shape, expected)
+        a is None or b is None or a == b or (rows and k == 0 and a == 1)
+        for k, (a, b) in enumerate(zip(shape, expected))
     )
+
+
+def _assert_runtime_shapes(name, x, mask, h0, c0, units):
+    """`x`, after TensorFlow assertions on the shapes a trace left unknown.
+
+    Each assertion raises an `InvalidArgumentError` naming what was expected and
+    what was received; everything computed from the returned `x` runs after them.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return x
+    import tensorflow as tf
+
+    shape = tf.shape(x)
+    batch, steps = shape[0], shape[1]
+    checks = [tf.debugging.Assert(
+        steps > 0, [f"Layer '{name}' needs at least one timestep. Received: inputs.shape=",
+                    shape], name="timesteps")]
+    if mask is not None:
+        received = tf.shape(mask)
+        checks.append(tf.debugging.Assert(
+            tf.logical_and(tf.logical_or(received[0] == batch, received[0] == 1),
+                           received[1] == steps),
+            [f"Layer '{name}' expects a mask of shape (batch_size, timesteps) =", shape[:2],
+             "or (1, timesteps). Received: mask.shape=", received], name="mask_shape"))
+    for state_name, state in (("h", h0), ("c", c0)):
+        received = tf.shape(state)
+        checks.append(tf.debugging.Assert(
+            tf.logical_and(tf.logical_or(received[0] == batch, received[0] == 1),
+                           received[1] == units),
+            [f"Layer '{name}' expects initial state {state_name} of shape "
+             f"(batch_size, units) = (", batch, f", {units}) or (1, {units}). "
+             "Received: shape=", received], name=f"initial_state_{state_name}"))
+    with tf.control_dependencies(checks):
+        return tf.identity(x)
 
 
 def _check_units(units):

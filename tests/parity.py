@@ -191,19 +191,24 @@ def reference_run(layer, drawn, weights, x, mask, states, kwargs, training, seed
 
 
 def summed_terms(name, size):
-    """How many float32 terms the longest sum behind the value `name` adds up.
+    """How many float32 roundings the deepest chain of sums behind the value `name`
+    adds up: its depth, which grows with T because each step sums on top of the last.
 
-    Outputs and states: one step's pre-activation sums C + H products (the
-    forget gate damps what earlier steps' rounding leaves in the carry). The
-    gradients of the inputs and initial states: 4H products per step. Weight
-    and bias gradients: one product per step and batch row, T * N.
+    Outputs and states: each of the T steps sums C + H products into the
+    pre-activations, and the carry adds one term per step: T * (C + H + 1) for
+    the last step (the forget gate damps what earlier steps' rounding leaves,
+    which this bound does not count on). The gradients of the inputs and initial
+    states: the backward recurrence sums 4H products per step over the T steps,
+    T * 4H. Weight and bias gradients: one product per step and batch row
+    (T * N terms), each factor carrying the T * 4H of its d_xw.
     """
     batch, steps, features, units = size
+    backward_chain = steps * 4 * units
     if name in ("grad kernel", "grad recurrent_kernel", "grad bias"):
-        return steps * batch
+        return steps * batch + backward_chain
     if name.startswith("grad "):
-        return 4 * units
-    return features + units
+        return backward_chain
+    return steps * (features + units + 1)
 
 
 def float32_rounding_allowance(ref, terms):
@@ -223,8 +228,9 @@ def float32_rounding_allowance(ref, terms):
     activations, probes and weights are O(1), so a smaller value is small by
     cancellation, not because its terms are, and its rounding is that of its
     terms (this is the old 1e-6 floor). A real bug (a wrong gate, a mask one
-    step off, a lost bias) moves results by percents, far beyond
-    eps32 * (8 + 2 * sqrt(2048)) = 1.2e-5 of their magnitude.
+    step off, a lost bias) moves results by percents, far beyond the largest
+    allowance at the parity sizes, eps32 * (8 + 2 * sqrt(64 * 5 + 64 * 512))
+    = 4.4e-5 of their magnitude.
     """
     return EPS32 * (8 + 2 * np.sqrt(terms)) * max(1.0, np.abs(ref).max(initial=0))
 

@@ -11,6 +11,9 @@ suite only, the pass of its framework's backend:
   processes on 127.0.0.1 trains to the curve of one process without a
   strategy. Every wait is bounded, so a worker that cannot reach its peer
   fails the test instead of hanging CI.
+- TensorFlow: `tf.distribute.MirroredStrategy` over two logical CPUs, on 65
+  samples at batch 32: the last batch leaves one replica an empty batch,
+  which once hung the fused layer forever; the losses match the stock layer's.
 """
 
 import json
@@ -186,3 +189,41 @@ def test_tf_multi_worker_mirrored_two_processes_match_one_process():
         assert result["fused_calls"] > 0
         np.testing.assert_allclose(result["losses"], expected["losses"], rtol=1e-4)
     assert expected["losses"][-1] < expected["losses"][0]
+
+
+UNEVEN_MIRRORED = """
+import json
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import fusedlstm
+import fusedlstm.ops
+
+calls = []
+original = fusedlstm.ops.lstm_sequence
+fusedlstm.ops.lstm_sequence = lambda *a, **k: calls.append(1) or original(*a, **k)
+rng = np.random.default_rng(0)
+x = rng.standard_normal((65, 6, 3)).astype("float32")
+y = rng.standard_normal((65, 1)).astype("float32")
+losses = {}
+for name, layer_class in (("stock", keras.layers.LSTM), ("fused", fusedlstm.LSTM)):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((6, 3)), layer_class(4), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    losses[name] = model.fit(x, y, batch_size=32, epochs=2, shuffle=False,
+                             verbose=0).history["loss"]
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "losses": losses,
+                  "fused_calls": len(calls)}))
+"""
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="runs in the KERAS_BACKEND=tensorflow pass")
+def test_tf_mirrored_with_an_empty_replica_batch_matches_stock():
+    result = finish(start_python(UNEVEN_MIRRORED, {"KERAS_BACKEND": "tensorflow"}),
+                    deadline_s=120)
+    assert result["replicas"] == 2 and result["fused_calls"] > 0
+    np.testing.assert_allclose(result["losses"]["fused"], result["losses"]["stock"], rtol=1e-5)

@@ -80,8 +80,22 @@ def test_symbolic_output_shape_and_dtype():
     assert seq.dtype == "float32"
 
 
-def test_layer_supports_masking():
-    assert fusedlstm.LSTM(2).supports_masking
+def test_a_mask_from_a_masking_layer_is_applied_and_passed_on(fused_calls):
+    """Keras hands the layer a mask (supports_masking), the layer skips the masked
+    steps, and with return_sequences passes the mask on to the next layer."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 3)).astype("float32")
+    padded = np.concatenate([x, np.zeros((2, 3, 3), "float32")], axis=1)
+    layer = fusedlstm.LSTM(5)
+    direct = to_numpy(layer(x))
+    model = keras.Sequential([keras.Input((7, 3)), keras.layers.Masking(0.0), layer])
+    np.testing.assert_allclose(to_numpy(model(padded)), direct, atol=1e-6)
+    assert np.abs(to_numpy(layer(padded)) - direct).max() > 1e-3  # the padding matters
+    mask = np.arange(7)[None, :].repeat(2, 0) < 4
+    sequences = fusedlstm.LSTM(5, return_sequences=True)
+    np.testing.assert_array_equal(to_numpy(sequences.compute_mask(padded, mask)), mask)
+    assert layer.compute_mask(padded, mask) is None
+    assert fused_calls
 
 
 def test_embedding_mask_zero_runs_fused(fused_calls):
@@ -228,8 +242,8 @@ def test_use_fused_false_is_the_stock_layer(fused_calls):
     assert not fused_calls
 
 
-def test_concurrent_calls_from_threads_agree():
-    # Large enough that each call runs its rows as several blocks on several threads.
+def test_concurrent_calls_from_four_threads_agree_exactly():
+    # Four Python threads, two per layer. Large enough that each call runs its rows as several blocks on several threads.
     x = np.random.default_rng(0).normal(size=(32, 30, 6)).astype("float32")
     assert len(block_bounds(32, 30 * 8 * 64 * 64, 2)) > 1
     layers = []
@@ -242,8 +256,8 @@ def test_concurrent_calls_from_threads_agree():
     def worker(layer, want):
         for _ in range(10):
             got = to_numpy(layer(x))
-            if not np.allclose(got, want, atol=1e-6):
-                errors.append("mismatch")
+            if not np.array_equal(got, want):  # the same rows, the same code: bit for bit
+                errors.append(float(np.abs(got - want).max()))
 
     threads = [threading.Thread(target=worker, args=(layer, want))
                for layer, want in zip(layers * 2, expected * 2)]

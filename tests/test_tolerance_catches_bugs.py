@@ -110,3 +110,14 @@ def test_float32_weight_gradient_sums_pass(order, size):
         grads["bias"] = row_by_row_float32_sum(d_xw)
     summed = parity.Results(fused.outputs, {**fused.grads, **grads})
     parity.assert_matches(summed, stock, ref, size)
+
+
+@pytest.mark.parametrize("name", ["output 0", "grad x", "grad initial_state_0", "grad kernel",
+                                  "grad recurrent_kernel", "grad bias"])
+def test_allowance_grows_with_the_depth_of_the_sums(name):
+    """Every value's bound grows with T: each step sums on top of the last, forward
+    and backward, so a longer sequence rounds more (a bound fixed in T is either
+    loose at T = 1 or wrong at T = 64)."""
+    short, long = (parity.float32_rounding_allowance(np.ones(1), parity.summed_terms(
+        name, (5, steps, 4, 31))) for steps in (1, 64))
+    assert long > 4 * short

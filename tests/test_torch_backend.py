@@ -3,11 +3,11 @@
 A pytest process has one Keras backend, fixed at import, so this module skips
 itself under any other backend. CI runs the suite a second time with
 `KERAS_BACKEND=torch`; the backend-agnostic parity tests run in both passes,
-and this module adds what only the torch backend has: the
-`torch.autograd.Function` against torch autograd through the stock layer,
-Keras's symbolic calls on "meta" tensors, and training, masks, dropout, mixed
-precision, wrappers and checkpoints under torch. Its CUDA branch (device
-arrays in, weight gradients as torch ops) runs here in the Numba CUDA
+and this module adds what only the torch backend has: second-order
+gradients (a clear error), Keras's symbolic calls on "meta" tensors, training
+and wrappers under torch. Gradients, masks and dropouts against the stock
+layer are `test_parity.py`'s, which runs on this backend too. The CUDA branch
+(device arrays in, weight gradients as torch ops) runs here in the Numba CUDA
 simulator, in a subprocess.
 
     KERAS_BACKEND=torch python -m pytest tests/test_torch_backend.py -q
@@ -51,28 +51,23 @@ def random_inputs(rng, batch, steps, features):
     return rng.standard_normal((batch, steps, features)).astype("float32")
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["saved", "recomputed"])
-def test_gradients_match_stock_layer(training):
+def test_second_order_gradient_is_a_clear_error():
+    """create_graph=True through the fused op raises at the first backward, naming
+    use_fused=False, where the stock layer differentiates twice."""
     rng = np.random.default_rng(1)
-    stock, fused = make_pair(units=6, return_sequences=True, return_state=True)
-    states = [rng.standard_normal((4, 6)).astype("float32") for _ in range(2)]
-    assert_matches_stock(stock, fused, random_inputs(rng, 4, 9, 5),
-                         initial_state=states, training=training)
-
-
-@pytest.mark.parametrize("kind", ["left", "holes"])
-def test_masks_match_stock_layer(kind):
-    rng = np.random.default_rng(2)
-    stock, fused = make_pair(units=5, return_sequences=True, return_state=True)
-    assert_matches_stock(stock, fused, random_inputs(rng, 6, 8, 3),
-                         mask=make_mask(kind, 6, 8, rng), training=True)
-
-
-def test_dropouts_use_the_stock_layer_masks():
-    rng = np.random.default_rng(3)
-    stock, fused = make_pair(units=7, dropout=0.2, recurrent_dropout=0.4, seed=11,
-                             return_sequences=True)
-    assert_matches_stock(stock, fused, random_inputs(rng, 5, 6, 4), training=True)
+    stock, fused = make_pair(units=3)
+    x = torch.tensor(random_inputs(rng, 2, 4, 3), requires_grad=True)
+    stock(x)
+    fused(x)
+    fused.set_weights(stock.get_weights())
+    (d_x,) = torch.autograd.grad(stock(x).square().sum(), x, create_graph=True)
+    (d2_x,) = torch.autograd.grad(d_x.square().sum(), x)
+    assert torch.isfinite(d2_x).all() and d2_x.abs().sum() > 0
+    with pytest.raises(RuntimeError, match=r"second-order gradient.*use_fused=False"):
+        torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+    (first,) = torch.autograd.grad(fused(x).square().sum(), x)  # plain gradients still work
+    (want,) = torch.autograd.grad(stock(x).square().sum(), x)
+    np.testing.assert_allclose(first.numpy(), want.detach().numpy(), atol=1e-5)
 
 
 def test_bidirectional_matches_stock_layer():

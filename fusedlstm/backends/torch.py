@@ -9,6 +9,10 @@ matmuls (`fusedlstm.backends.projection`) on either device.
 Keras first calls layers on "meta" tensors to infer shapes: those calls get
 empty meta outputs and run no kernel. When the forward pass ran without saving
 (inference), a gradient request recomputes it with saving.
+
+The op has no second-order gradient: a backward pass with `create_graph=True`
+(gradient penalties, MAML) raises a `RuntimeError` that names
+`use_fused=False`, under which the stock layer differentiates twice.
 """
 
 import contextlib
@@ -44,6 +48,13 @@ class _FusedLSTM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_outputs, d_h_n, d_c_n):
+        if torch.is_grad_enabled():  # create_graph=True: autograd records this backward
+            raise RuntimeError(
+                "fusedlstm.LSTM has no second-order gradient on the fused path: its "
+                "backward pass is a kernel that autograd cannot differentiate, so a "
+                "gradient taken with create_graph=True (a gradient penalty, MAML) would "
+                "miss every term through it. Construct the layer with use_fused=False "
+                "(the stock loop, the same weights) to differentiate twice.")
         config = ctx.config
         tensors = ctx.saved_tensors
         inputs, masks, saved = tensors[:6], tensors[6:9], tensors[9:]
@@ -99,9 +110,11 @@ def _kernel_arrays(kernels, *tensors):
     """What `kernels` takes: NumPy views for the CPU kernels, else device tensors.
 
     Tensors that require grad refuse NumPy and CUDA-array export: detach them.
+    The kernels take dense arrays (`kernels.checks`): broadcast states and
+    expanded gradients are copied.
     """
     if kernels is cpu:
-        return [None if t is None else t.detach().cpu().numpy() for t in tensors]
+        return [None if t is None else t.detach().cpu().contiguous().numpy() for t in tensors]
     return [None if t is None else _device_or_numpy(t.detach()) for t in tensors]
 
 

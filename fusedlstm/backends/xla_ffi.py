@@ -6,21 +6,39 @@ attrs)` as the XLA custom call `name` on the CPU, for `jax.ffi.ffi_call`.
 the handler reads `args` and writes every element of `results`. `attrs` maps
 the call's keyword attributes (int32 scalars) to Python ints.
 
-The handler is a ctypes callback (the layout below is `xla/ffi/api/c_api.h`,
-API version 0.1): XLA calls it on one of its threads, holding no Python
-lock; ctypes takes the GIL for the call. A Python exception becomes an XLA
-error carrying its message, which JAX raises where the result is read.
+The handler is a ctypes callback: XLA calls it on one of its threads,
+holding no Python lock; ctypes takes the GIL for the call. A Python exception
+becomes an XLA error carrying its message, which JAX raises where the result
+is read.
+
+The structs below mirror `xla/ffi/api/c_api.h` by hand, as shipped with jaxlib
+`CHECKED_JAX_VERSION` (XLA FFI API `CHECKED_API_VERSION`); `setup.py` pins jax
+below the next minor version. Nothing checks that layout at build time, so
+every call checks it at run time: the caller's API major version, and the
+`struct_size` of every struct read or written (each at least what this module
+reads; XLA only appends fields within a major version). A mismatch returns an
+XLA error naming the struct and both sizes, before any buffer is touched. Only
+a frame too small to hold the API pointer, or an API table without
+`XLA_FFI_Error_Create`, cannot be answered with an error: then the process
+aborts with a message rather than run on a misread layout.
 """
 
 import ctypes
+import os
+import sys
 import traceback
 
 import jax
 import numpy as np
 
+CHECKED_JAX_VERSION = "0.10"  # jax/jaxlib major.minor whose c_api.h these structs mirror
+CHECKED_API_VERSION = (0, 3)  # XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR in that c_api.h
+_HANDLER_API_VERSION = (0, 1)  # what the handler declares it needs (the metadata answer)
+
 _METADATA_EXTENSION = 1
 _STAGE_EXECUTE = 3
 _ATTR_SCALAR = 3
+_BUFFER_TYPE = 1  # XLA_FFI_ArgType_BUFFER and XLA_FFI_RetType_BUFFER
 _ERROR_INTERNAL = 13
 _DTYPES = {1: np.bool_, 4: np.int32, 11: np.float32}  # XLA_FFI_DataType codes
 
@@ -156,28 +174,135 @@ def register_cpu_target(name, handler):
 
 def _call(handler, frame_pointer):
     frame = frame_pointer.contents
-    if _answer_metadata_query(frame):
-        return None
-    if frame.stage != _STAGE_EXECUTE:
-        return None
+    _require_error_channel(frame)
     try:
+        problem = _api_mismatch(frame)
+        if problem:
+            return _error(frame, problem)
+        if _answer_metadata_query(frame):
+            return None
+        if frame.stage != _STAGE_EXECUTE:
+            return None
+        problem = _frame_mismatch(frame)
+        if problem:
+            return _error(frame, problem)
         handler(_arrays(frame.args), _arrays(frame.rets), _scalar_attrs(frame.attrs))
     except Exception:  # noqa: BLE001 -- every error must reach XLA, never unwind through C
         return _error(frame, traceback.format_exc())
     return None
 
 
+def _end(structure, field):
+    """The C `XLA_FFI_STRUCT_SIZE(structure, field)`: bytes up to the end of `field`."""
+    descriptor = getattr(structure, field)
+    return descriptor.offset + descriptor.size
+
+
+_FRAME_API_END = _end(_CallFrame, "api")
+_API_ERROR_CREATE_END = _end(_Api, "error_create")
+# What this module reads of each struct: C's `<name>_STRUCT_SIZE` (up to the end
+# of the last field XLA declares, not padded), each struct's last field read here.
+_STRUCT_SIZES = {
+    "XLA_FFI_CallFrame": _end(_CallFrame, "attrs"),
+    "XLA_FFI_Api_Version": _end(_ApiVersion, "minor_version"),
+    "XLA_FFI_Args": _end(_Buffers, "buffers"),
+    "XLA_FFI_Rets": _end(_Buffers, "buffers"),
+    "XLA_FFI_Attrs": _end(_Attrs, "attrs"),
+    "XLA_FFI_Buffer": _end(_Buffer, "dims"),
+    "XLA_FFI_Extension_Base": _end(_ExtensionBase, "next"),
+    "XLA_FFI_Metadata_Extension": _end(_MetadataExtension, "metadata"),
+    "XLA_FFI_Metadata": _end(_Metadata, "traits"),
+}
+
+
+def _require_error_channel(frame):
+    """Aborts when the frame cannot even carry an error back (see the module docstring)."""
+    if (frame.struct_size >= _FRAME_API_END and frame.api
+            and frame.api.contents.struct_size >= _API_ERROR_CREATE_END):
+        return
+    sys.stderr.write(
+        "fusedlstm: the XLA FFI call frame or API table is smaller than the layout of "
+        f"jax {CHECKED_JAX_VERSION} (XLA_FFI_CallFrame struct_size {frame.struct_size}, "
+        f"needs >= {_FRAME_API_END}), so no error can be returned to XLA. Install "
+        f"jax=={CHECKED_JAX_VERSION}.* (setup.py pins it) or update "
+        "fusedlstm/backends/xla_ffi.py.\n")
+    sys.stderr.flush()
+    os.abort()
+
+
+def _size_mismatch(name, struct_size):
+    """A message when `struct_size` is smaller than what this module reads of `name`."""
+    needed = _STRUCT_SIZES[name]
+    if struct_size < needed:
+        return (f"fusedlstm's XLA FFI handler expected {name} struct_size >= {needed} "
+                f"(the layout of jax {CHECKED_JAX_VERSION}, XLA FFI API "
+                f"{CHECKED_API_VERSION[0]}.{CHECKED_API_VERSION[1]}). Received: struct_size="
+                f"{struct_size}. This jax is not supported: install jax=="
+                f"{CHECKED_JAX_VERSION}.* (setup.py pins it).")
+    return None
+
+
+def _api_mismatch(frame):
+    """A message when the caller's API version or frame layout is not the one mirrored here."""
+    problem = _size_mismatch("XLA_FFI_CallFrame", frame.struct_size)
+    if problem:
+        return problem
+    version = frame.api.contents.api_version
+    problem = _size_mismatch("XLA_FFI_Api_Version", version.struct_size)
+    if problem:
+        return problem
+    if (version.major_version != CHECKED_API_VERSION[0]
+            or version.minor_version < _HANDLER_API_VERSION[1]):
+        return (f"fusedlstm's XLA FFI handler expected XLA FFI API version "
+                f"{CHECKED_API_VERSION[0]}.x with x >= {_HANDLER_API_VERSION[1]} (checked "
+                f"against {CHECKED_API_VERSION[0]}.{CHECKED_API_VERSION[1]}, jax "
+                f"{CHECKED_JAX_VERSION}). Received: {version.major_version}."
+                f"{version.minor_version}. Install jax=={CHECKED_JAX_VERSION}.*.")
+    return None
+
+
+def _frame_mismatch(frame):
+    """A message when an argument, result or attribute struct is smaller than read here."""
+    for name, buffers in (("XLA_FFI_Args", frame.args), ("XLA_FFI_Rets", frame.rets)):
+        problem = _size_mismatch(name, buffers.struct_size)
+        if problem:
+            return problem
+        for i in range(buffers.size):
+            if buffers.types[i] != _BUFFER_TYPE:
+                return (f"fusedlstm's XLA FFI handler expected only buffers in {name}. "
+                        f"Received: type code {buffers.types[i]} at position {i}")
+            problem = _size_mismatch("XLA_FFI_Buffer", buffers.buffers[i].contents.struct_size)
+            if problem:
+                return f"{name}[{i}]: {problem}"
+    return _size_mismatch("XLA_FFI_Attrs", frame.attrs.struct_size)
+
+
 def _answer_metadata_query(frame):
-    """Answers XLA's registration-time question for the API version; True if asked."""
+    """Answers XLA's registration-time question for the API version; True if asked.
+
+    Raises:
+        ValueError: the extension or metadata struct is smaller than written here.
+    """
     extension = frame.extension_start
     while extension:
-        if extension.contents.type == _METADATA_EXTENSION:
+        base = extension.contents
+        problem = _size_mismatch("XLA_FFI_Extension_Base", base.struct_size)
+        if problem:
+            raise ValueError(problem)
+        if base.type == _METADATA_EXTENSION:
+            problem = _size_mismatch("XLA_FFI_Metadata_Extension", base.struct_size)
             metadata = ctypes.cast(extension, ctypes.POINTER(_MetadataExtension)).contents
-            metadata.metadata.contents.api_version.major_version = 0
-            metadata.metadata.contents.api_version.minor_version = 1
+            problem = problem or _size_mismatch("XLA_FFI_Metadata",
+                                                metadata.metadata.contents.struct_size)
+            problem = problem or _size_mismatch(
+                "XLA_FFI_Api_Version", metadata.metadata.contents.api_version.struct_size)
+            if problem:
+                raise ValueError(problem)
+            metadata.metadata.contents.api_version.major_version = _HANDLER_API_VERSION[0]
+            metadata.metadata.contents.api_version.minor_version = _HANDLER_API_VERSION[1]
             metadata.metadata.contents.traits = 0
             return True
-        extension = extension.contents.next
+        extension = base.next
     return False
 
 

@@ -1,11 +1,16 @@
 """The CPU host drivers: NumPy arrays in, the step kernels run over blocks of rows.
 
 `forward` and `backward` have the same signatures as the CUDA drivers
-(`fusedlstm.kernels.cuda`), batch-major.
+(`fusedlstm.kernels.cuda`), batch-major. They check every input against the
+sequence shape first (`fusedlstm.kernels.checks`: float32 and bool arrays,
+C-contiguous, a `ValueError` naming the argument otherwise): the kernels run
+without bounds checks. An empty batch (N=0) or sequence (T=0) runs no kernel:
+the results are empty, and with T=0 the final states are the initial ones.
 """
 
 import numpy as np
 
+from ..checks import check_backward, check_forward
 from . import compile_notice
 from .panels import pack_backward, pack_forward
 from .steps import block_kernels
@@ -17,7 +22,8 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
     """Runs `forward_steps` over blocks of rows, on NumPy arrays, batch-major.
 
     Args:
-        xw: [N, T, 4H]; recurrent_kernel: [H, 4H]; h0, c0: [N, H].
+        xw: [N, T, 4H]; recurrent_kernel: [H, 4H]; h0, c0: [N, H]; all float32
+            and C-contiguous, as every input here.
         mask: [N, T] bool or None; recurrent_mask: [4, N, H] or None.
         training: save what `backward` needs.
         out: C-contiguous float32 arrays to write the results into (a framework's
@@ -27,19 +33,26 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
         `(outputs [N, T, H], h_n, c_n, saved)`, with `saved = (h_in, c_seq,
         gates)` when training, else None; `h_in` [N, T, H] holds the state
         each step read, for the recurrent kernel's gradient.
+
+    Raises:
+        ValueError: an input's shape, dtype or layout does not match `xw`'s.
     """
-    N, T, H4 = xw.shape
-    H = H4 // 4
+    N, T, H = check_forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask)
     steps = T if training else 0
     shapes = [(N, T, H), (N, H), (N, H), (N, steps, H), (N, T + 1 if training else 0, H),
-              (N, steps, H4)]
+              (N, steps, 4 * H)]
     outputs, h_n, c_n, h_in, c_seq, gates = _results(shapes, out)
-    packed = pack_forward(_f32(recurrent_kernel))
-    arguments = (
-        _f32(xw), packed, _f32(h0), _f32(c0), _mask_or_empty(mask, N),
-        _recurrent_mask_or_empty(recurrent_mask, N, H), bool(zero_output_for_mask),
-        outputs, h_n, c_n, h_in, c_seq, gates)
-    _run_kernel("forward", activation, recurrent_activation, arguments, N, T * 8 * H * H)
+    if N == 0 or T == 0:
+        h_n[...] = h0
+        c_n[...] = c0
+        if training:
+            c_seq[:, 0] = c0
+    else:
+        arguments = (
+            xw, pack_forward(recurrent_kernel), h0, c0, _mask_or_empty(mask, N),
+            _recurrent_mask_or_empty(recurrent_mask, N, H), bool(zero_output_for_mask),
+            outputs, h_n, c_n, h_in, c_seq, gates)
+        _run_kernel("forward", activation, recurrent_activation, arguments, N, T * 8 * H * H)
     saved = (h_in, c_seq, gates) if training else None
     return outputs, h_n, c_n, saved
 
@@ -53,15 +66,23 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
 
     Returns:
         `(d_xw [N, T, 4H], d_h0, d_c0)`.
+
+    Raises:
+        ValueError: an input's shape, dtype or layout does not match `d_outputs`'.
     """
+    N, T, H = check_backward(recurrent_kernel, mask, recurrent_mask, saved, d_outputs, d_h_n,
+                             d_c_n)
     _, c_seq, gates = saved
-    N, T, H = d_outputs.shape
     d_xw, d_h0, d_c0 = _results([(N, T, 4 * H), (N, H), (N, H)], out)
-    arguments = (
-        pack_backward(_f32(recurrent_kernel)), _mask_or_empty(mask, N),
-        _recurrent_mask_or_empty(recurrent_mask, N, H), bool(zero_output_for_mask), c_seq,
-        gates, _f32(d_outputs), _f32(d_h_n), _f32(d_c_n), d_xw, d_h0, d_c0)
-    _run_kernel("backward", activation, recurrent_activation, arguments, N, T * 8 * H * H)
+    if N == 0 or T == 0:
+        d_h0[...] = d_h_n
+        d_c0[...] = d_c_n
+    else:
+        arguments = (
+            pack_backward(recurrent_kernel), _mask_or_empty(mask, N),
+            _recurrent_mask_or_empty(recurrent_mask, N, H), bool(zero_output_for_mask), c_seq,
+            gates, d_outputs, d_h_n, d_c_n, d_xw, d_h0, d_c0)
+        _run_kernel("backward", activation, recurrent_activation, arguments, N, T * 8 * H * H)
     return d_xw, d_h0, d_c0
 
 
@@ -123,17 +144,9 @@ def _results(shapes, out):
     return out
 
 
-def _f32(array):
-    return np.ascontiguousarray(array, np.float32)
-
-
 def _mask_or_empty(mask, N):
-    if mask is None:
-        return np.zeros((N, 0), np.bool_)
-    return np.ascontiguousarray(mask, np.bool_)
+    return np.zeros((N, 0), np.bool_) if mask is None else mask
 
 
 def _recurrent_mask_or_empty(recurrent_mask, N, H):
-    if recurrent_mask is None:
-        return np.zeros((0, N, H), np.float32)
-    return _f32(recurrent_mask)
+    return np.zeros((0, N, H), np.float32) if recurrent_mask is None else recurrent_mask
