@@ -193,6 +193,9 @@ class LSTM(keras.layers.LSTM):
         )
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
+        if fused_ops.tracing_for_export(sequences):
+            # First: on JAX the batch may be symbolic here, which nothing below may read.
+            return self._export_loop(sequences, initial_state, mask, training)
         if self.use_fused is False or sequences.shape[0] == 0:
             # An empty batch behaves as in the stock layer of each backend.
             return super().inner_loop(sequences, initial_state, mask, training=training)
@@ -205,6 +208,44 @@ class LSTM(keras.layers.LSTM):
         if isinstance(mask, (list, tuple)):
             mask = mask[0]
         return self._fused_loop(sequences, initial_state, mask, bool(training))
+
+    def _export_loop(self, sequences, initial_state, mask, training):
+        """The recurrence as ops an exported artifact can carry (no Python callback).
+
+        Used while the layer is traced for export (`fusedlstm.ops.tracing_for_export`:
+        `keras.Model.export`, `tf.saved_model.save`, `torch.onnx.export`,
+        `torch.export`, jax2tf), so the artifact serves in a process without
+        fusedlstm. With tanh/sigmoid activations, a bias, no mask, float32 and
+        no training-time dropout: the framework's own LSTM ops
+        (`fusedlstm.ops.export_sequence`), which converters turn into native
+        LSTM ops (ONNX `LSTM`, TFLite `UNIDIRECTIONAL_SEQUENCE_LSTM`).
+        Otherwise, and on JAX: the stock layer's loop, which serializes as
+        the stock layer's does.
+
+        Raises:
+            ValueError: where the format being written cannot express an LSTM.
+        """
+        fused_ops.check_export_format()
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        cell = self.cell
+        native = (
+            mask is None and cell.use_bias
+            and (_activation_name(cell.activation), _activation_name(cell.recurrent_activation))
+            == ("tanh", "sigmoid")
+            and keras.backend.standardize_dtype(sequences.dtype) == "float32"
+            and not (training and (cell.dropout or cell.recurrent_dropout))
+        )
+        result = None if not native else fused_ops.export_sequence(
+            sequences, cell.kernel, cell.recurrent_kernel, cell.bias,
+            initial_state[0], initial_state[1], self.go_backwards)
+        if result is None:
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+        outputs, h, c = result
+        last_output = outputs[:, -1]
+        if not self.return_sequences:
+            outputs = ops.expand_dims(last_output, 1)
+        return last_output, outputs, [h, c]
 
     def _fused_loop(self, sequences, initial_state, mask, training):
         cell = self.cell
@@ -317,6 +358,13 @@ def _activation_code(fn):
     except (ValueError, TypeError):
         return None
     return ACTIVATION_CODES.get(name) if isinstance(name, str) else None
+
+
+def _activation_name(fn):
+    try:
+        return activations.serialize(fn)
+    except (ValueError, TypeError):
+        return None
 
 
 def _jax_on_accelerator():
