@@ -92,6 +92,12 @@ def _run(job):
         model = ov.convert_model(path) if kind == "onnx_to_openvino" else path
         compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         return compiled(x)[0]
+    if kind == "torch_export":
+        import torch
+        program = torch.export.load(path)
+        job["classes"] = sorted({str(n.target) for n in program.graph.nodes
+                                 if n.op == "call_function"})
+        return program.module()(torch.from_numpy(x)).detach().numpy()
     if kind == "keras":
         import keras
         model = keras.saving.load_model(path)
@@ -116,11 +122,12 @@ def serve_fresh(jobs, tmp_path, keras_backend=None):
 
     Args:
         jobs: {name: {"kind": "saved_model" | "onnx" | "tflite" | "openvino" |
-            "onnx_to_openvino" | "keras", "path": ..., "x": array}}.
+            "onnx_to_openvino" | "torch_export" | "keras", "path": ..., "x": array}}.
         keras_backend: KERAS_BACKEND of the process (for "keras" jobs).
 
     Returns:
-        {name: {"y": array} or {"error": message}}, and "_modules": the
+        {name: {"y": array, "classes": the layer classes of a "keras" job,
+        the ops of a "torch_export" job} or {"error": message}}, and "_modules": the
         fusedlstm and numba modules the process loaded.
     """
     payload = {}

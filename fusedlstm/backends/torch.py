@@ -181,8 +181,9 @@ def export_sequence(x, kernel, recurrent_kernel, bias, h0, c0, go_backwards):
     Returns:
         `(outputs [N, T, H] in the order the steps ran, h_n, c_n)`.
     """
-    x, kernel, recurrent_kernel, bias, h0, c0 = (
-        torch.as_tensor(getattr(t, "value", t)) for t in (x, kernel, recurrent_kernel, bias, h0, c0))
+    # Keras variables hold their torch tensor in `.value`.
+    kernel, recurrent_kernel, bias = (getattr(w, "value", w)
+                                      for w in (kernel, recurrent_kernel, bias))
     if go_backwards:
         x = torch.flip(x, [1])
     params = [kernel.t(), recurrent_kernel.t(), bias, torch.zeros_like(bias)]
