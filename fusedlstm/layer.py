@@ -52,6 +52,15 @@ class LSTM(keras.layers.LSTM):
     recurrent dropout, activations cuDNN lacks) or where the performance
     model predicts a win, and cuDNN elsewhere (rule: `fusedlstm.gpu_policy`).
 
+    Two cases run the stock layer's ops by design. A statically known single
+    timestep outside training, without a mask (streaming one step per call),
+    runs as one call of the cell under `use_fused="auto"`: with no recurrence
+    to fuse, the cell's two matmuls beat a kernel launch. And while the
+    layer is traced for export (`keras.Model.export`, `tf.saved_model.save`,
+    `torch.onnx.export`, `torch.export`, jax2tf), it traces the framework's
+    own LSTM ops, so the artifact serves where fusedlstm is not installed
+    (`fusedlstm.convert.export`).
+
     On TensorFlow and PyTorch the kernel is a Python callback, so the layer
     sets `supports_jit = False` and Keras runs the model without XLA. On JAX
     the kernel is an XLA custom call: the layer compiles with the rest of the
@@ -196,6 +205,8 @@ class LSTM(keras.layers.LSTM):
         if fused_ops.tracing_for_export(sequences):
             # First: on JAX the batch may be symbolic here, which nothing below may read.
             return self._export_loop(sequences, initial_state, mask, training)
+        if self.use_fused == "auto" and sequences.shape[1] == 1 and mask is None and not training:
+            return self._single_step(sequences, initial_state)
         if self.use_fused is False or sequences.shape[0] == 0:
             # An empty batch behaves as in the stock layer of each backend.
             return super().inner_loop(sequences, initial_state, mask, training=training)
@@ -246,6 +257,23 @@ class LSTM(keras.layers.LSTM):
         if not self.return_sequences:
             outputs = ops.expand_dims(last_output, 1)
         return last_output, outputs, [h, c]
+
+    def _single_step(self, sequences, initial_state):
+        """One timestep (streaming inference) as the cell's own ops: no loop, no kernel.
+
+        With one step there is no recurrence to fuse, and a kernel launch (a
+        Python callback on TensorFlow and PyTorch) costs more than the step's
+        two matmuls: one stateful step per call in a `tf.function` ran slower
+        fused than stock (benchmarks/test_streaming.py). So `use_fused="auto"`
+        runs a statically known T == 1 without a mask, outside training, as
+        one call of the stock `LSTMCell`; `use_fused=True` still runs the kernel.
+        """
+        states = list(initial_state)
+        if keras.backend.backend() == "torch" and self.stateful:
+            # As the stock loop does: the state variables must not alias autograd's tensors.
+            states = [ops.copy(s) for s in states]
+        output, (h, c) = self.cell(sequences[:, 0], states, training=False)
+        return output, ops.expand_dims(output, 1), [h, c]
 
     def _fused_loop(self, sequences, initial_state, mask, training):
         cell = self.cell
