@@ -231,7 +231,8 @@ class LSTM(keras.layers.LSTM):
         (`fusedlstm.ops.export_sequence`), which converters turn into native
         LSTM ops (ONNX `LSTM`, TFLite `UNIDIRECTIONAL_SEQUENCE_LSTM`).
         Otherwise, and on JAX: the stock layer's loop, which serializes as
-        the stock layer's does.
+        the stock layer's does, unrolled where the format converts only that
+        (`fusedlstm.ops.export_unrolls_stock_loop`: TF LiteRT and OpenVINO).
 
         Raises:
             ValueError: where the format being written cannot express an LSTM.
@@ -251,12 +252,27 @@ class LSTM(keras.layers.LSTM):
             sequences, cell.kernel, cell.recurrent_kernel, cell.bias,
             initial_state[0], initial_state[1], self.go_backwards)
         if result is None:
+            if fused_ops.export_unrolls_stock_loop(sequences):
+                return self._unrolled_stock_loop(sequences, initial_state, mask, training)
             return super().inner_loop(sequences, initial_state, mask, training=training)
         outputs, h, c = result
         last_output = outputs[:, -1]
         if not self.return_sequences:
             outputs = ops.expand_dims(last_output, 1)
         return last_output, outputs, [h, c]
+
+    def _unrolled_stock_loop(self, sequences, initial_state, mask, training):
+        """The stock layer's step loop (`keras.layers.RNN.inner_loop`), unrolled."""
+
+        def step(inputs, states):
+            output, new_states = self.cell(inputs, states, training=training)
+            return output, list(new_states)
+
+        return keras.src.backend.rnn(
+            step, sequences, list(initial_state), go_backwards=self.go_backwards, mask=mask,
+            unroll=True, input_length=sequences.shape[1],
+            zero_output_for_mask=self.zero_output_for_mask,
+            return_all_outputs=self.return_sequences)
 
     def _single_step(self, sequences, initial_state):
         """One timestep (streaming inference) as the cell's own ops: no loop, no kernel.

@@ -20,7 +20,8 @@ SUPPORTED_BACKENDS = ("tensorflow", "torch", "jax")
 # Backends whose op is an XLA custom call rather than a Python callback.
 JIT_COMPATIBLE_BACKENDS = ("jax",)
 __all__ = ["JIT_COMPATIBLE_BACKENDS", "RecurrenceConfig", "SUPPORTED_BACKENDS",
-           "check_export_format", "export_sequence", "lstm_sequence", "tracing_for_export"]
+           "check_export_format", "export_sequence", "export_unrolls_stock_loop",
+           "lstm_sequence", "tracing_for_export"]
 
 
 def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
@@ -64,6 +65,15 @@ def check_export_format():
     """Raises a `ValueError` naming what works where the artifact being
     written cannot express an LSTM (Keras's JAX `openvino` export)."""
     _backend_module().check_export_format()
+
+
+def export_unrolls_stock_loop(sequences):
+    """Whether the stock loop the layer exports should be unrolled (T static).
+
+    True where the format being written converts an unrolled loop and not a
+    rolled one: on TensorFlow, LiteRT (no Flex ops then) and OpenVINO.
+    """
+    return _backend_module().export_unrolls_stock_loop(sequences)
 
 
 def export_sequence(x, kernel, recurrent_kernel, bias, h0, c0, go_backwards):

@@ -35,13 +35,12 @@ def exported(tmp_path_factory):
     model = fitted_model(fusedlstm.LSTM)
     x, x5 = sample(BATCH), sample(5, seed=2)
     paths = {name: str(tmp / file) for name, file in {
-        "saved_model": "sm", "tf_saved_model_save": "tfsave", "convert_saved_model": "csm",
+        "saved_model": "sm", "tf_saved_model_save": "tfsave",
         "onnx": "m.onnx", "convert_onnx": "c.onnx", "litert_dynamic": "dynamic.tflite",
         "litert_fixed": "fixed.tflite", "openvino": "m.xml", "portable": "portable.keras",
     }.items()}
     model.export(paths["saved_model"], verbose=False)
     tf.saved_model.save(model, paths["tf_saved_model_save"])
-    convert.export(model, paths["convert_saved_model"], verbose=False)
     model.export(paths["onnx"], format="onnx", verbose=False)
     convert.export(model, paths["convert_onnx"], format="onnx", verbose=False)
     model.export(paths["litert_dynamic"], format="litert", verbose=False)
@@ -54,8 +53,6 @@ def exported(tmp_path_factory):
         "saved_model_batch5": {"kind": "saved_model", "path": paths["saved_model"], "x": x5},
         "tf_saved_model_save": {"kind": "saved_model", "path": paths["tf_saved_model_save"],
                                 "x": x, "signature": True},
-        "convert_saved_model": {"kind": "saved_model", "path": paths["convert_saved_model"],
-                                "x": x},
         "onnx": {"kind": "onnx", "path": paths["onnx"], "x": x},
         "convert_onnx": {"kind": "onnx", "path": paths["convert_onnx"], "x": x5},
         "litert_dynamic": {"kind": "tflite", "path": paths["litert_dynamic"], "x": x},
@@ -81,7 +78,7 @@ def test_the_serving_process_loaded_no_fusedlstm(exported):
     assert exported[2]["_modules"] == []
 
 
-@pytest.mark.parametrize("name", ["saved_model", "tf_saved_model_save", "convert_saved_model"])
+@pytest.mark.parametrize("name", ["saved_model", "tf_saved_model_save"])
 def test_saved_model_holds_no_python_callback(exported, name):
     ops = saved_model_ops(exported[1][name])
     describe(name, [op for op in ops if "While" in op or "Py" in op])
@@ -143,7 +140,9 @@ def test_model_runs_fused_after_export(exported, fused_calls):
     assert len(fused_calls) == 4
 
 
-def test_mask_exports_the_stock_loop_and_go_backwards_the_native_lstm(tmp_path):
+def test_mask_and_go_backwards_in_onnx_litert_and_openvino(tmp_path):
+    """A mask exports the stock loop: ONNX `Loop`; unrolled for LiteRT (no Flex
+    ops at a dynamic batch) and OpenVINO. go_backwards keeps the native LSTM."""
     keras.utils.set_random_seed(3)
     inputs = keras.Input((20, 8))
     masked = fusedlstm.LSTM(6)(keras.layers.Masking(0.0)(inputs))
@@ -151,10 +150,19 @@ def test_mask_exports_the_stock_loop_and_go_backwards_the_native_lstm(tmp_path):
     model = keras.Model(inputs, keras.layers.Concatenate()([masked, backwards]))
     x = sample(BATCH)
     x[0, 14:] = 0.0
-    path = str(tmp_path / "options.onnx")
-    convert.export(model, path, format="onnx", verbose=False)  # never called: it calls it
-    ops = onnx_ops(path)
-    describe("options", ops)
+    paths = {"onnx": str(tmp_path / "options.onnx"), "tflite": str(tmp_path / "options.tflite"),
+             "openvino": str(tmp_path / "options.xml")}
+    convert.export(model, paths["onnx"], format="onnx", verbose=False)  # calls it first
+    model.export(paths["tflite"], format="litert", verbose=False)
+    model.export(paths["openvino"], format="openvino", verbose=False)
+    ops = onnx_ops(paths["onnx"])
+    describe("options onnx", ops)
     assert {"LSTM", "Loop", "ReverseSequence"} <= set(ops)
-    served = serve_fresh({"options": {"kind": "onnx", "path": path, "x": x}}, tmp_path)
-    assert_serves(served, "options", np.asarray(model(x)))
+    ops = tflite_ops(paths["tflite"])
+    describe("options litert", ops)
+    assert not [op for op in ops if op.startswith("Flex") or op == "CUSTOM"]
+    served = serve_fresh({kind: {"kind": kind, "path": path, "x": x}
+                          for kind, path in paths.items()}, tmp_path)
+    expected = np.asarray(model(x))
+    for kind in paths:
+        assert_serves(served, kind, expected)

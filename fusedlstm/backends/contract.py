@@ -14,7 +14,9 @@ where the format being written cannot express an LSTM) and
 `export_sequence(x, kernel, recurrent_kernel, bias, h0, c0, go_backwards)`
 (the tanh/sigmoid LSTM with bias and no mask as the framework's own
 serializable LSTM ops, `(outputs [N, T, H], h_n, c_n)` with the outputs in the
-order the steps ran; None where the stock Keras loop serves best).
+order the steps ran; None where the stock Keras loop serves best) and
+`export_unrolls_stock_loop(sequences)` (whether the stock loop, where the layer
+exports it, is unrolled for the format being written).
 """
 
 import dataclasses

@@ -255,6 +255,12 @@ def check_export_format():
             "'tf_saved_model' and convert with openvino.convert_model.")
 
 
+def export_unrolls_stock_loop(sequences):
+    """False: jax2tf serializes the stock loop's `lax.scan` as it is."""
+    del sequences
+    return False
+
+
 def export_sequence(x, kernel, recurrent_kernel, bias, h0, c0, go_backwards):
     """None: the stock Keras loop (`lax.scan`) is what JAX serializes."""
     del x, kernel, recurrent_kernel, bias, h0, c0, go_backwards

@@ -237,6 +237,7 @@ def _set_shapes(results, xw_shape, units):
 
 _KERAS_EXPORT_MODULES = "keras.src.export"
 _LITERT_EXPORT_MODULE = "keras.src.export.litert"
+_OPENVINO_EXPORT_MODULE = "keras.src.export.openvino"
 
 
 def tracing_for_export(sequences):
@@ -272,6 +273,20 @@ def tracing_for_export(sequences):
 
 def check_export_format():
     """Every export format of Keras's TF backend can express the layer."""
+
+
+def export_unrolls_stock_loop(sequences):
+    """Whether the stock loop, where the layer exports it, should be unrolled.
+
+    Keras's TF step loop is a `tf.while_loop` over TensorLists, which the
+    OpenVINO converter cannot convert and LiteRT runs only with Flex ops at
+    a dynamic batch size. Unrolled over a static number of timesteps it is
+    plain ops. So: True for a `keras.src.export.litert` or
+    `keras.src.export.openvino` trace with T known; ONNX and SavedModels keep
+    the loop (tf2onnx writes it as one ONNX `Loop`).
+    """
+    return sequences.shape[1] is not None and module_on_stack(
+        _LITERT_EXPORT_MODULE, _OPENVINO_EXPORT_MODULE)
 
 
 def export_sequence(x, kernel, recurrent_kernel, bias, h0, c0, go_backwards):

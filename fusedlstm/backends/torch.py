@@ -163,6 +163,12 @@ def check_export_format():
     """Every export format of Keras's torch backend can express the layer."""
 
 
+def export_unrolls_stock_loop(sequences):
+    """False: torch's exporters trace the stock loop step by step already."""
+    del sequences
+    return False
+
+
 def export_sequence(x, kernel, recurrent_kernel, bias, h0, c0, go_backwards):
     """The LSTM (tanh, sigmoid, with bias, no mask) as torch's own `aten::lstm`.
 
