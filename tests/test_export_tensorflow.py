@@ -35,12 +35,19 @@ def exported(tmp_path_factory):
     model = fitted_model(fusedlstm.LSTM)
     x, x5 = sample(BATCH), sample(5, seed=2)
     paths = {name: str(tmp / file) for name, file in {
-        "saved_model": "sm", "tf_saved_model_save": "tfsave",
+        "saved_model": "sm", "tf_saved_model_save": "tfsave", "export_archive": "archive",
         "onnx": "m.onnx", "convert_onnx": "c.onnx", "litert_dynamic": "dynamic.tflite",
         "litert_fixed": "fixed.tflite", "openvino": "m.xml", "portable": "portable.keras",
     }.items()}
     model.export(paths["saved_model"], verbose=False)
     tf.saved_model.save(model, paths["tf_saved_model_save"])
+    # An endpoint traced (fused) before export: TF retraces it while saving.
+    endpoint = tf.function(lambda x: model(x, training=False))
+    endpoint(x)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", endpoint)
+    archive.write_out(paths["export_archive"], verbose=False)
     model.export(paths["onnx"], format="onnx", verbose=False)
     convert.export(model, paths["convert_onnx"], format="onnx", verbose=False)
     model.export(paths["litert_dynamic"], format="litert", verbose=False)
@@ -53,6 +60,7 @@ def exported(tmp_path_factory):
         "saved_model_batch5": {"kind": "saved_model", "path": paths["saved_model"], "x": x5},
         "tf_saved_model_save": {"kind": "saved_model", "path": paths["tf_saved_model_save"],
                                 "x": x, "signature": True},
+        "export_archive": {"kind": "saved_model", "path": paths["export_archive"], "x": x},
         "onnx": {"kind": "onnx", "path": paths["onnx"], "x": x},
         "convert_onnx": {"kind": "onnx", "path": paths["convert_onnx"], "x": x5},
         "litert_dynamic": {"kind": "tflite", "path": paths["litert_dynamic"], "x": x},
@@ -78,7 +86,7 @@ def test_the_serving_process_loaded_no_fusedlstm(exported):
     assert exported[2]["_modules"] == []
 
 
-@pytest.mark.parametrize("name", ["saved_model", "tf_saved_model_save"])
+@pytest.mark.parametrize("name", ["saved_model", "tf_saved_model_save", "export_archive"])
 def test_saved_model_holds_no_python_callback(exported, name):
     ops = saved_model_ops(exported[1][name])
     describe(name, [op for op in ops if "While" in op or "Py" in op])
