@@ -20,6 +20,9 @@ setup(
         "cuda": ["numba-cuda[cu13]>=0.30"],
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "h5py", "scipy", "threadpoolctl"],
         "cli": ["matplotlib", "statsmodels"],
+        # What `keras.Model.export` needs for the onnx and openvino formats, and
+        # onnxruntime to serve ONNX (tests/test_export_*.py).
+        "export": ["onnx", "onnxruntime", "tf2onnx", "openvino"],
         "sass": ["nvidia-cuda-nvcc>=13", "nvidia-cuda-runtime>=13", "nvidia-cuda-nvdisasm>=13"],
     },
 )

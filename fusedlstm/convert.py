@@ -11,8 +11,10 @@ bias in two: `weights_to_torch` and `weights_from_torch` move one layer's
 weights across. `python -m fusedlstm explain --layout torch` prints the
 correspondence block by block.
 
-To serve a model, convert it to stock layers first: the fused kernel runs in
-a Python callback, which a SavedModel cannot carry to another process.
+`export` (or `model.export` itself) writes artifacts that serve without
+fusedlstm: while Keras traces a model for export the fused layers trace the
+framework's own LSTM ops. `save_portable` writes a `.keras` file that loads
+as stock layers where fusedlstm is not installed.
 
 Example:
 
@@ -20,6 +22,7 @@ Example:
 >>> fused = fusedlstm.convert.to_fused(model)
 >>> stock = fusedlstm.convert.to_stock(fused)
 >>> fusedlstm.convert.export(fused, "/tmp/lstm_saved_model")
+>>> fusedlstm.convert.save_portable(fused, "/tmp/lstm.keras")
 >>> lstm = torch.nn.LSTM(8, 16, batch_first=True)
 >>> lstm.load_state_dict(fusedlstm.convert.weights_to_torch(model.layers[0].get_weights()))
 >>> model.layers[0].set_weights(fusedlstm.convert.weights_from_torch(lstm.state_dict()))
@@ -67,20 +70,58 @@ def to_stock(model):
 
 
 def export(model, filepath, format="tf_saved_model", **kwargs):
-    """Exports `model` for serving, with its fused LSTMs as stock ones.
+    """Exports `model` for serving in a process without fusedlstm.
 
-    The exported artifact holds no Python callback, so it serves in any
-    process, for example with `tf.saved_model.load(filepath).serve(x)`. Stock
-    layers compute the same function from the same weights.
+    The same as `model.export(filepath, format=format, **kwargs)`: while Keras
+    traces the model for export, each `fusedlstm.LSTM` traces the framework's
+    own LSTM ops instead of its kernel (`fusedlstm.LSTM._export_loop`), so the
+    artifact holds no Python callback and needs no fusedlstm to serve. With
+    tanh/sigmoid activations, a bias and no mask, converters write native
+    LSTM ops (ONNX `LSTM` nodes; TFLite `UNIDIRECTIONAL_SEQUENCE_LSTM` at a
+    fixed batch size, builtin ops only at a dynamic one); other
+    configurations export the stock layer's loop.
+
+    Args:
+        model: a `keras.Model`, called or built (as `keras.Model.export` needs).
+        filepath: where to write the artifact.
+        format: a format of `keras.Model.export` on the active backend:
+            `"tf_saved_model"` (default; TensorFlow and JAX), `"onnx"`,
+            `"litert"` (TensorFlow), `"openvino"` (TensorFlow and PyTorch;
+            JAX raises a `ValueError` that names the ways that work),
+            `"torch"` (PyTorch).
+        **kwargs: passed to `keras.Model.export` (`input_signature`,
+            `verbose`, ...).
+
+    A functional model that was built but never called, which
+    `keras.Model.export` refuses for some formats ("The model provided has
+    never called"), is first called once on zeros shaped as its inputs
+    (batch 1, and 1 for any other unknown dimension).
+    """
+    if not getattr(model, "_called", True) and "input_signature" not in kwargs:
+        model(_zeros_like_inputs(model))
+    model.export(filepath, format=format, **kwargs)
+
+
+def _zeros_like_inputs(model):
+    return keras.tree.map_structure(
+        lambda x: np.zeros([1 if d is None else d for d in x.shape], x.dtype), model.inputs
+        if len(model.inputs) != 1 else model.inputs[0])
+
+
+def save_portable(model, filepath):
+    """Saves `model` as a `.keras` file that loads without fusedlstm.
+
+    Every `fusedlstm.LSTM` is written as a `keras.layers.LSTM` with the same
+    configuration and weights (`to_stock`), so `keras.saving.load_model`
+    loads it in any process; `to_fused(keras.saving.load_model(filepath))`
+    gives the fused model back. A file written by `model.save` needs fusedlstm
+    imported to load. The optimizer state is not saved.
 
     Args:
         model: a Sequential or functional `keras.Model`.
-        filepath: where to write the artifact.
-        format: passed to `keras.Model.export`. Default: `"tf_saved_model"`,
-            which needs the TensorFlow backend.
-        **kwargs: passed to `keras.Model.export`.
+        filepath: the `.keras` path to write.
     """
-    to_stock(model).export(filepath, format=format, **kwargs)
+    to_stock(model).save(filepath)
 
 
 def _convert(model, convert_layer):

@@ -52,6 +52,15 @@ class LSTM(keras.layers.LSTM):
     recurrent dropout, activations cuDNN lacks) or where the performance
     model predicts a win, and cuDNN elsewhere (rule: `fusedlstm.backends.gpu_policy`).
 
+    Two cases run the stock layer's ops by design. A statically known single
+    timestep outside training, without a mask (streaming one step per call),
+    runs as one call of the cell under `use_fused="auto"`: with no recurrence
+    to fuse, the cell's two matmuls beat a kernel launch. And while the
+    layer is traced for export (`keras.Model.export`, `tf.saved_model.save`,
+    `torch.onnx.export`, `torch.export`, jax2tf), it traces the framework's
+    own LSTM ops, so the artifact serves where fusedlstm is not installed
+    (`fusedlstm.convert.export`).
+
     On TensorFlow and PyTorch the kernel is a Python callback, so the layer
     sets `supports_jit = False` and Keras runs the model without XLA. On JAX
     the kernel is an XLA custom call: the layer compiles with the rest of the
@@ -201,6 +210,11 @@ class LSTM(keras.layers.LSTM):
         )
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
+        if fused_ops.tracing_for_export(sequences):
+            # First: on JAX the batch may be symbolic here, which nothing below may read.
+            return self._export_loop(sequences, initial_state, mask, training)
+        if self.use_fused == "auto" and sequences.shape[1] == 1 and mask is None and not training:
+            return self._single_step(sequences, initial_state)
         if self.use_fused is False:
             return super().inner_loop(sequences, initial_state, mask, training=training)
         if not self._fused_enabled():
@@ -212,6 +226,77 @@ class LSTM(keras.layers.LSTM):
         if isinstance(mask, (list, tuple)):
             mask = mask[0]
         return self._fused_loop(sequences, initial_state, mask, bool(training))
+
+    def _export_loop(self, sequences, initial_state, mask, training):
+        """The recurrence as ops an exported artifact can carry (no Python callback).
+
+        Used while the layer is traced for export (`fusedlstm.ops.tracing_for_export`:
+        `keras.Model.export`, `tf.saved_model.save`, `torch.onnx.export`,
+        `torch.export`, jax2tf), so the artifact serves in a process without
+        fusedlstm. With tanh/sigmoid activations, a bias, no mask, float32 and
+        no training-time dropout: the framework's own LSTM ops
+        (`fusedlstm.ops.export_sequence`), which converters turn into native
+        LSTM ops (ONNX `LSTM`, TFLite `UNIDIRECTIONAL_SEQUENCE_LSTM`).
+        Otherwise, and on JAX: the stock layer's loop, which serializes as
+        the stock layer's does, unrolled where the format converts only that
+        (`fusedlstm.ops.export_unrolls_stock_loop`: TF LiteRT and OpenVINO).
+
+        Raises:
+            ValueError: where the format being written cannot express an LSTM.
+        """
+        fused_ops.check_export_format()
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        cell = self.cell
+        native = (
+            mask is None and cell.use_bias
+            and (_activation_name(cell.activation), _activation_name(cell.recurrent_activation))
+            == ("tanh", "sigmoid")
+            and keras.backend.standardize_dtype(sequences.dtype) == "float32"
+            and not (training and (cell.dropout or cell.recurrent_dropout))
+        )
+        result = None if not native else fused_ops.export_sequence(
+            sequences, cell.kernel, cell.recurrent_kernel, cell.bias,
+            initial_state[0], initial_state[1], self.go_backwards)
+        if result is None:
+            if fused_ops.export_unrolls_stock_loop(sequences):
+                return self._unrolled_stock_loop(sequences, initial_state, mask, training)
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+        outputs, h, c = result
+        last_output = outputs[:, -1]
+        if not self.return_sequences:
+            outputs = ops.expand_dims(last_output, 1)
+        return last_output, outputs, [h, c]
+
+    def _unrolled_stock_loop(self, sequences, initial_state, mask, training):
+        """The stock layer's step loop (`keras.layers.RNN.inner_loop`), unrolled."""
+
+        def step(inputs, states):
+            output, new_states = self.cell(inputs, states, training=training)
+            return output, list(new_states)
+
+        return keras.src.backend.rnn(
+            step, sequences, list(initial_state), go_backwards=self.go_backwards, mask=mask,
+            unroll=True, input_length=sequences.shape[1],
+            zero_output_for_mask=self.zero_output_for_mask,
+            return_all_outputs=self.return_sequences)
+
+    def _single_step(self, sequences, initial_state):
+        """One timestep (streaming inference) as the cell's own ops: no loop, no kernel.
+
+        With one step there is no recurrence to fuse, and a kernel launch (a
+        Python callback on TensorFlow and PyTorch) costs more than the step's
+        two matmuls: one stateful step per call in a `tf.function` ran slower
+        fused than stock (benchmarks/test_streaming.py). So `use_fused="auto"`
+        runs a statically known T == 1 without a mask, outside training, as
+        one call of the stock `LSTMCell`; `use_fused=True` still runs the kernel.
+        """
+        states = list(initial_state)
+        if keras.backend.backend() == "torch" and self.stateful:
+            # As the stock loop does: the state variables must not alias autograd's tensors.
+            states = [ops.copy(s) for s in states]
+        output, (h, c) = self.cell(sequences[:, 0], states, training=False)
+        return output, ops.expand_dims(output, 1), [h, c]
 
     def _fused_loop(self, sequences, initial_state, mask, training):
         cell = self.cell
@@ -358,6 +443,13 @@ def _activation_code(fn):
     except (ValueError, TypeError):
         return None
     return ACTIVATION_CODES.get(name) if isinstance(name, str) else None
+
+
+def _activation_name(fn):
+    try:
+        return activations.serialize(fn)
+    except (ValueError, TypeError):
+        return None
 
 
 def _jax_on_accelerator():

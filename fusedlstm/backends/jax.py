@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from fusedlstm.backends import projection, xla_ffi
-from fusedlstm.backends.contract import none_if_empty
+from fusedlstm.backends.contract import module_on_stack, none_if_empty
 from fusedlstm.kernels import cpu
 from fusedlstm.kernels.select import select_kernels
 
@@ -202,4 +202,67 @@ def _zero_cotangents(masks):
     mask, input_mask, recurrent_mask = masks
     return (np.zeros(mask.shape, jax.dtypes.float0), jnp.zeros_like(input_mask),
             jnp.zeros_like(recurrent_mask))
+
+
+
+# ---------------------------------------------------------------------------
+# Export: what the layer traces while an artifact is being written.
+
+# Modules whose frames mean a trace for an artifact: jax2tf (Keras's
+# `tf_saved_model` and `openvino` exports on JAX), `jax.export`, Keras's export code.
+_EXPORT_MODULES = ("jax.experimental.jax2tf", "jax._src.export", "keras.src.export")
+_OPENVINO_EXPORT_MODULE = "keras.src.export.openvino"
+
+
+def tracing_for_export(sequences):
+    """Whether JAX is tracing the layer for an artifact that leaves the process.
+
+    The fused op is an XLA custom call whose handler is a Python function
+    registered in this process: a serialized module holding it cannot run
+    elsewhere, and jax2tf cannot convert it. Keras sets no export flag
+    (`keras/src/backend/jax/export.py` runs `jax2tf.convert` with polymorphic
+    shapes), so two signals are read, before anything reads the shape as a
+    number:
+
+    1. A symbolic dimension in `sequences.shape` (shape polymorphism, only
+       under `jax.export`/jax2tf).
+    2. A frame of `jax.experimental.jax2tf`, `jax.export` or
+       `keras.src.export` on the Python stack (a static-shape export).
+
+    `jax.jit`, `fit` and `predict` are neither, and run the fused op.
+    """
+    if any(d is not None and not isinstance(d, int) for d in sequences.shape):
+        return True
+    return module_on_stack(*_EXPORT_MODULES)
+
+
+def check_export_format():
+    """Raises where Keras's JAX export cannot express an LSTM.
+
+    `model.export(format="openvino")` on JAX converts through jax2tf without
+    XLA ops, which fails for the stock `keras.layers.LSTM` as well (its
+    `lax.scan`): say so at export time, with the ways that work.
+
+    Raises:
+        ValueError: under `keras.src.export.openvino`.
+    """
+    if module_on_stack(_OPENVINO_EXPORT_MODULE):
+        raise ValueError(
+            "model.export(format='openvino') cannot express an LSTM layer on the JAX "
+            "backend (the stock keras.layers.LSTM fails there too: jax2tf without XLA "
+            "ops cannot convert its loop). Export from the TensorFlow or PyTorch backend "
+            "instead (the same weights load there), or export with format='onnx' or "
+            "'tf_saved_model' and convert with openvino.convert_model.")
+
+
+def export_unrolls_stock_loop(sequences):
+    """False: jax2tf serializes the stock loop's `lax.scan` as it is."""
+    del sequences
+    return False
+
+
+def export_sequence(x, kernel, recurrent_kernel, bias, h0, c0, go_backwards):
+    """None: the stock Keras loop (`lax.scan`) is what JAX serializes."""
+    del x, kernel, recurrent_kernel, bias, h0, c0, go_backwards
+    return None
 

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from fusedlstm.backends import projection
-from fusedlstm.backends.contract import none_if_empty
+from fusedlstm.backends.contract import module_on_stack, none_if_empty
 from fusedlstm.kernels import cpu as kernels
 from fusedlstm.kernels.select import select_kernels
 
@@ -230,3 +230,135 @@ def _set_shapes(results, xw_shape, units):
                    tf.TensorShape([batch, steps, 4 * units])]
     for tensor, shape in zip(results, shapes):
         tensor.set_shape(shape)
+
+
+# ---------------------------------------------------------------------------
+# Export: what the layer traces while an artifact is being written.
+
+_KERAS_EXPORT_MODULES = "keras.src.export"
+_LITERT_EXPORT_MODULE = "keras.src.export.litert"
+_OPENVINO_EXPORT_MODULE = "keras.src.export.openvino"
+
+
+def tracing_for_export(sequences):
+    """Whether this trace of the layer is for an artifact that leaves the process.
+
+    The fused op is a `tf.numpy_function`, whose Python callback lives only in
+    the process that traced it: a SavedModel, ONNX, LiteRT or OpenVINO
+    artifact holding it fails at serving time. So the layer traces a
+    serializable graph instead when the trace is for export. Keras sets no
+    flag for that, so two signals are read:
+
+    1. TF is saving: `tensorflow.python.saved_model.save_context` is entered
+       by `tf.saved_model.save`, which retraces every `tf.function` it saves
+       (the variable policy is part of the tracing key), also when the model
+       is passed to it directly or an `ExportArchive` endpoint was traced
+       before.
+    2. Keras's export code asked for the trace: a frame of a module under
+       `keras.src.export` (`saved_model.py`, `onnx.py`, `openvino.py`,
+       `litert.py`, called by `keras.Model.export`) is on the Python stack.
+       The ONNX, OpenVINO and LiteRT converters read a concrete function
+       traced there, outside any save context.
+
+    Eager calls, `fit`, `predict` and a user's own `tf.function` are neither,
+    and run the fused op.
+    """
+    del sequences
+    if tf.executing_eagerly():
+        return False
+    from tensorflow.python.saved_model import save_context
+
+    return save_context.in_save_context() or module_on_stack(_KERAS_EXPORT_MODULES)
+
+
+def check_export_format():
+    """Every export format of Keras's TF backend can express the layer."""
+
+
+def export_unrolls_stock_loop(sequences):
+    """Whether the stock loop, where the layer exports it, should be unrolled.
+
+    Keras's TF step loop is a `tf.while_loop` over TensorLists, which the
+    OpenVINO converter cannot convert and LiteRT runs only with Flex ops at
+    a dynamic batch size. Unrolled over a static number of timesteps it is
+    plain ops. So: True for a `keras.src.export.litert` or
+    `keras.src.export.openvino` trace with T known; ONNX and SavedModels keep
+    the loop (tf2onnx writes it as one ONNX `Loop`).
+    """
+    return sequences.shape[1] is not None and module_on_stack(
+        _LITERT_EXPORT_MODULE, _OPENVINO_EXPORT_MODULE)
+
+
+def export_sequence(x, kernel, recurrent_kernel, bias, h0, c0, go_backwards):
+    """The LSTM (tanh, sigmoid, with bias, no mask) as TF ops that converters recognize.
+
+    The recurrence runs in a `tf.function` with the attributes of Keras 2's
+    "composite" LSTM (`api_implements: lstm_<id>`, `time_major`,
+    `go_backwards`; 6 arguments, 5 results), whose body is Keras's own TF step
+    loop (`keras.src.backend.tensorflow.rnn.rnn`) on the cell's arithmetic. So
+    a SavedModel holds plain TF ops, tf2onnx rewrites the loop to ONNX `LSTM`
+    nodes, OpenVINO converts it, and the TFLite converter fuses the function
+    to its builtin `UNIDIRECTIONAL_SEQUENCE_LSTM` where the batch size is
+    static. With a dynamic batch the converter keeps the body; for LiteRT
+    (a `keras.src.export.litert` frame on the stack) and a static number of
+    timesteps, the body is unrolled, so the `.tflite` file needs builtin ops
+    only (no Flex delegate). Other formats keep the loop: an unrolled body
+    would lose ONNX its `LSTM` nodes.
+
+    Args:
+        x: [N, T, C] float32 inputs, in the original order.
+        kernel, recurrent_kernel, bias: the cell's weights, Keras layout.
+        h0, c0: [N, H] initial states.
+        go_backwards: whether the steps run from the last one.
+
+    Returns:
+        `(outputs [N, T, H] in the order the steps ran, h_n, c_n)`.
+    """
+    unroll = (x.shape[0] is None and x.shape[1] is not None
+              and module_on_stack(_LITERT_EXPORT_MODULE))
+    composite = _composite_lstm(bool(go_backwards), bool(unroll))
+    _, outputs, h_n, c_n, _ = composite(
+        tf.convert_to_tensor(x, _F32), tf.convert_to_tensor(h0, _F32),
+        tf.convert_to_tensor(c0, _F32), *(tf.convert_to_tensor(w, _F32)
+                                          for w in (kernel, recurrent_kernel, bias)))
+    return outputs, h_n, c_n
+
+
+def _composite_lstm(go_backwards, unroll):
+    """A new `tf.function` with Keras 2's composite LSTM signature and attributes.
+
+    The TFLite converter (`CheckFusableKerasLstm`) fuses a function whose
+    `api_implements` starts with "lstm_" and which takes `(inputs, init_h,
+    init_c, kernel, recurrent_kernel, bias)` and returns `(last_output,
+    outputs, h, c, runtime)`; the id keeps each layer's function distinct.
+    """
+    import uuid
+
+    from keras import ops
+    from keras.activations import sigmoid, tanh
+    from keras.src.backend.tensorflow.rnn import rnn
+
+    def standard_lstm(inputs, init_h, init_c, kernel, recurrent_kernel, bias):
+        def step(x_t, states):
+            # The stock LSTMCell's ops (Keras ops, Keras activations): tf2onnx's
+            # LSTM rewriter matches this pattern, tf.* spellings of it it misses.
+            h_tm1, c_tm1 = states
+            z = ops.add(ops.add(ops.matmul(x_t, kernel), ops.matmul(h_tm1, recurrent_kernel)),
+                        bias)
+            z_i, z_f, z_c, z_o = ops.split(z, 4, axis=1)
+            c = sigmoid(z_f) * c_tm1 + sigmoid(z_i) * tanh(z_c)
+            h = sigmoid(z_o) * tanh(c)
+            return h, [h, c]
+
+        last, outputs, (h, c) = rnn(step, inputs, [init_h, init_c], go_backwards=go_backwards,
+                                    unroll=unroll, input_length=inputs.shape[1],
+                                    return_all_outputs=True)
+        return last, outputs, h, c, tf.constant(0.0)
+
+    return tf.function(standard_lstm, autograph=False, experimental_attributes={
+        "api_implements": f"lstm_{uuid.uuid4()}",
+        "api_preferred_device": "CPU",
+        "time_major": False,
+        "go_backwards": go_backwards,
+    })
+

@@ -150,3 +150,68 @@ def _meta_outputs(x, recurrent_kernel):
     return (torch.empty((batch, steps, units), **options),
             torch.empty((batch, units), **options),
             torch.empty((batch, units), **options))
+
+
+# ---------------------------------------------------------------------------
+# Export: what the layer traces while an artifact is being written.
+
+def tracing_for_export(sequences):
+    """Whether torch is tracing the layer for an artifact that leaves the process.
+
+    The fused op is an `autograd.Function` around a Numba kernel, which
+    neither the ONNX exporter nor `torch.export` can carry into a graph. Keras
+    sets no flag of its own during `keras.Model.export`
+    (`keras/src/export/onnx.py`, `torch.py`, `openvino.py`), but torch does:
+    `torch.onnx.is_in_onnx_export()` (TorchScript-based ONNX export),
+    `torch.jit.is_tracing()` (`torch.jit.trace`, which the OpenVINO converter
+    uses) and `torch.compiler.is_exporting()` (`torch.export`, dynamo-based
+    ONNX export). Eager calls, `fit` and `predict` are none of these.
+    """
+    del sequences
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return bool(torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or exporting())
+
+
+def check_export_format():
+    """Every export format of Keras's torch backend can express the layer."""
+
+
+def export_unrolls_stock_loop(sequences):
+    """False: torch's exporters trace the stock loop step by step already."""
+    del sequences
+    return False
+
+
+def export_sequence(x, kernel, recurrent_kernel, bias, h0, c0, go_backwards):
+    """The LSTM (tanh, sigmoid, with bias, no mask) as torch's own `aten::lstm`.
+
+    The call Keras's torch backend makes for cuDNN
+    (`keras/src/backend/torch/rnn.py`, `_cudnn_lstm`): `torch._VF.lstm`,
+    which the ONNX exporter writes as one ONNX `LSTM` node and `torch.export`
+    keeps as `aten.lstm`. torch's gate order (i, f, g, o) is Keras's
+    (i, f, c, o): the matrices are transposed, the bias goes to `b_ih`.
+
+    Args:
+        x: [N, T, C] float32 inputs, in the original order.
+        kernel, recurrent_kernel, bias: the cell's weights, Keras layout.
+        h0, c0: [N, H] initial states.
+        go_backwards: whether the steps run from the last one.
+
+    Returns:
+        `(outputs [N, T, H] in the order the steps ran, h_n, c_n)`.
+    """
+    # Keras variables hold their torch tensor in `.value`.
+    kernel, recurrent_kernel, bias = (getattr(w, "value", w)
+                                      for w in (kernel, recurrent_kernel, bias))
+    if go_backwards:
+        x = torch.flip(x, [1])
+    params = [kernel.t(), recurrent_kernel.t(), bias, torch.zeros_like(bias)]
+    outputs, h_n, c_n = torch._VF.lstm(
+        x, (h0.unsqueeze(0), c0.unsqueeze(0)), params,
+        True,  # has_biases
+        1,  # num_layers
+        0.0,  # dropout
+        False,  # training
+        False,  # bidirectional
+        True)  # batch_first
+    return outputs, h_n.squeeze(0), c_n.squeeze(0)
