@@ -8,14 +8,14 @@ from helpers import make_pair, to_numpy
 
 # On JAX, Keras's compiled predict drops a stateful RNN's state updates (its
 # states are not tracked variables; the stock layer's too), so JAX streams in
-# eager calls, dispatched op by op: fewer of them.
+# eager calls.
 JAX = keras.backend.backend() == "jax"
-CALLS, RESET_EVERY = (20, 5) if JAX else (200, 50)
+CALLS, RESET_EVERY = 200, 50
 
 
 @pytest.mark.parametrize("use_fused", ["auto", True])
 def test_stateful_one_step_per_call_matches_stock(use_fused):
-    """200 consecutive calls with T = 1 and `reset_states` every 50 (JAX: 20, 5), against the
+    """200 consecutive calls with T = 1 and `reset_states` every 50, against the
     stock layer streamed the same way and against the stock layer run on each
     50-step segment whole. "auto" runs the step as the cell's ops, True the kernel."""
     stock, fused = make_pair(units=5, stateful=True, return_sequences=True)
