@@ -4,12 +4,10 @@ writes the merged JSON, a Markdown table and a PNG chart.
     python benchmarks/run_cpu.py [--out benchmarks/results] [-k EXPR]
 """
 
-import datetime
-import json
 import os
 
 import machine
-from suite import machine_facts, run_suite, runner_arguments
+from suite import machine_facts, run_suite, runner_arguments, write_results
 
 FRAMEWORKS = ("fusedlstm", "keras", "torch")
 # Cases where the stock layer leaves its fast path: the fused layer must take at
@@ -104,16 +102,12 @@ def main():
             for name in FRAMEWORKS}
     facts = machine_facts(runs)
     table = medians_ms(runs.values())
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    with open(os.path.join(args.out, f"cpu-{stamp}.json"), "w") as f:
-        json.dump({"machine": facts, "medians_ms": {"/".join(k): v for k, v in table.items()},
-                   "runs": list(runs.values())}, f, indent=1)
-    markdown = markdown_table(table, facts)
-    with open(os.path.join(args.out, f"cpu-{stamp}.md"), "w") as f:
-        f.write(markdown)
-    chart(table, os.path.join(args.out, f"cpu-{stamp}.png"))
-    print(markdown)
-
+    stem = write_results(
+        args.out, "cpu",
+        {"machine": facts, "medians_ms": {"/".join(k): v for k, v in table.items()},
+         "runs": list(runs.values())},
+        markdown_table(table, facts))
+    chart(table, stem + ".png")
 
 if __name__ == "__main__":
     main()

@@ -4,13 +4,11 @@ the merged JSON and a Markdown table to `jax-<date>.json` / `.md`.
     python benchmarks/run_jax.py [--out benchmarks/results] [-k EXPR]
 """
 
-import datetime
-import json
 import os
 
 from machine import summary
 from run_cpu import medians_ms
-from suite import run_suite, runner_arguments
+from suite import run_suite, runner_arguments, write_results
 
 FRAMEWORKS = ("fusedlstm", "keras")
 
@@ -36,15 +34,10 @@ def main():
     extra = runs[0]["benchmarks"][0]["extra_info"]
     machine = f"{summary(facts)}, jax {extra['jax']}"
     table = medians_ms(runs)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    with open(os.path.join(args.out, f"jax-{stamp}.json"), "w") as f:
-        json.dump({"machine": machine, "medians_ms": {"/".join(k): v for k, v in table.items()},
-                   "runs": runs}, f, indent=1)
-    markdown = markdown_table(table, machine)
-    with open(os.path.join(args.out, f"jax-{stamp}.md"), "w") as f:
-        f.write(markdown)
-    print(markdown)
-
+    write_results(args.out, "jax",
+                  {"machine": machine, "medians_ms": {"/".join(k): v for k, v in table.items()},
+                   "runs": runs},
+                  markdown_table(table, machine))
 
 if __name__ == "__main__":
     main()

@@ -6,12 +6,10 @@ writes the merged JSON and a Markdown table to `streaming-<date>.json` / `.md`.
 Target: fusedlstm (`use_fused="auto"`) takes at most the stock layer's time per step.
 """
 
-import datetime
-import json
 import os
 
 from machine import summary
-from suite import machine_facts, run_suite, runner_arguments
+from suite import machine_facts, run_suite, runner_arguments, write_results
 
 FRAMEWORKS = ("fusedlstm", "keras", "torch")
 
@@ -48,15 +46,9 @@ def main():
             for name in FRAMEWORKS}
     facts = machine_facts(runs)
     medians = medians_us(runs)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    with open(os.path.join(args.out, f"streaming-{stamp}.json"), "w") as f:
-        json.dump({"machine": facts, "medians_us": medians, "runs": list(runs.values())}, f,
-                  indent=1)
-    markdown = markdown_table(medians, facts)
-    with open(os.path.join(args.out, f"streaming-{stamp}.md"), "w") as f:
-        f.write(markdown)
-    print(markdown)
-
+    write_results(args.out, "streaming",
+                  {"machine": facts, "medians_us": medians, "runs": list(runs.values())},
+                  markdown_table(medians, facts))
 
 if __name__ == "__main__":
     main()

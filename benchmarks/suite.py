@@ -2,6 +2,7 @@
 reads back its JSON (TensorFlow's and torch's thread pools would compete)."""
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -50,3 +51,16 @@ def machine_facts(runs):
         name: {key: run["machine_info"]["facts"][key] for key in ("threads", "blas", "openmp")}
         for name, run in runs.items()}
     return facts
+
+
+def write_results(out, name, payload, markdown):
+    """Writes `payload` to `NAME-YYYY-MM-DD.json` and `markdown` to `.md` under `out`,
+    prints the table, and returns the path without its extension (for a chart)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    stem = os.path.join(out, f"{name}-{stamp}")
+    with open(stem + ".json", "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
+    print(markdown)
+    return stem

@@ -14,7 +14,7 @@ if keras.backend.backend() != "tensorflow":
     pytest.skip("needs KERAS_BACKEND=tensorflow", allow_module_level=True)
 
 from export_helpers import (  # noqa: E402
-    PYFUNC_OPS, TOLERANCE, assert_serves, describe, fitted_model, onnx_ops, require, sample,
+    PYFUNC_OPS, assert_serves, describe, fitted_model, onnx_ops, require, sample,
     saved_model_ops, serve_fresh, tflite_ops)
 
 require("onnx", "onnxruntime", "tf2onnx", "openvino")

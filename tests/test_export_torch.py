@@ -7,7 +7,6 @@ every import of fusedlstm refused) serves all the artifacts.
 """
 
 import keras
-import numpy as np
 import pytest
 
 if keras.backend.backend() != "torch":
