@@ -4,6 +4,6 @@
 them offline); `kernel_by_name` and `kernels_for` build them.
 """
 
-from .kernels import SIGNATURES, backward, forward, kernel_by_name, kernels_for
+from .factory import SIGNATURES, backward, forward, kernel_by_name, kernels_for
 
 __all__ = ["SIGNATURES", "backward", "forward", "kernel_by_name", "kernels_for"]
