@@ -1,4 +1,4 @@
-"""Tests of the CUDA kernels (`kernels/cuda.py`), most of them without a GPU.
+"""Tests of the CUDA kernels (`kernels/cuda/`), most of them without a GPU.
 
 1. Simulator. The kernels run in Numba's CUDA simulator, which must be chosen
    (`NUMBA_ENABLE_CUDASIM=1`) before `numba.cuda` is first imported, while the

@@ -12,7 +12,8 @@ import sys
 import pytest
 from numba import config
 
-from fusedlstm.kernels.cuda import kernels as cuda_kernels
+from fusedlstm.kernels import cuda as cuda_kernels
+from fusedlstm.kernels.cuda.launch import LAUNCH_BOUNDS
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))
 import sass  # noqa: E402
@@ -30,9 +31,9 @@ except sass.ToolMissing as missing:
 KERNELS = sorted(sass.report_keys(cuda_kernels.SIGNATURES))
 # The LSTM kernels: those with inner products (the others move data).
 LSTM_KERNELS = [name for name in KERNELS if name.startswith("lstm_")]
-# What `_LAUNCH_BOUNDS` promises the cooperative launcher: this many threads
+# What `LAUNCH_BOUNDS` promises the cooperative launcher: this many threads
 # and blocks per SM on an H100 (64K registers, 228 KB shared memory per SM).
-THREADS, BLOCKS_PER_SM = cuda_kernels._LAUNCH_BOUNDS
+THREADS, BLOCKS_PER_SM = LAUNCH_BOUNDS
 REGISTERS_PER_SM = 64 * 1024
 SHARED_BYTES_PER_SM = 228 * 1024
 MIN_FFMA_SHARE = 0.5
