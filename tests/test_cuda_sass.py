@@ -72,9 +72,16 @@ def test_resources_fit_the_launch_bounds(reports, name):
     assert entry["shared_bytes"] * BLOCKS_PER_SM <= SHARED_BYTES_PER_SM
 
 
-@pytest.mark.parametrize("name", [name for name in LSTM_KERNELS if not name.endswith("_dropout")])
+def test_every_lstm_kernel_is_checked_dropout_builds_included():
+    assert {name for name in LSTM_KERNELS if name.endswith("_dropout")} == {
+        "lstm_forward_persistent_dropout", "lstm_backward_persistent_dropout"}
+    assert len(LSTM_KERNELS) == 8
+
+
+@pytest.mark.parametrize("name", LSTM_KERNELS)
 def test_hot_loop_is_mostly_ffma(reports, name):
     hot = reports[name]["hot_loop"]
+    assert hot is not None, reports[name]["innermost_loops"]
     assert hot["ffma_share"] >= MIN_FFMA_SHARE, hot
 
 

@@ -172,9 +172,11 @@ def _share_sums(cache, acc, lane, group):
 
 
 @device
-def _stage_rows(stage, src, n_first, rows, c0, width):
+def _stage_rows(stage, src, n_first, rows, c0, width, recurrent_mask, gate, dropout):
     """stage[WEIGHT_FLOATS + r * _CHUNK + kk] = src[n_first + r, c0 + kk].
 
+    With `dropout` (a compile-time constant), times `recurrent_mask[gate, n_first + r,
+    c0 + kk]`: the staged rows are the masked hidden state of one gate.
     Rows past the end repeat the last row (their sums are never written).
     """
     # Each thread keeps one column and walks rows: unsigned, no division in
@@ -190,9 +192,40 @@ def _stage_rows(stage, src, n_first, rows, c0, width):
     while kk < width:
         r = tid // columns
         while r < rows:
-            stage[_U_WEIGHT_FLOATS + r * _U_CHUNK + kk] = src[min(n_first + r, last), c0 + kk]
+            n = min(n_first + r, last)
+            value = src[n, c0 + kk]
+            if dropout:
+                value *= recurrent_mask[uint64(gate), n, c0 + kk]
+            stage[_U_WEIGHT_FLOATS + r * _U_CHUNK + kk] = value
             r += row_step
         kk += columns
+
+
+@device
+def _chunk_products(acc, cache, src, col0, K, n_first, staged_rows, s0, active, lane, lanes,
+                    cached, cached_from, c0, c1, c2, c3, streamed, w0, w1, w2, w3,
+                    recurrent_mask, gate, dropout):
+    """acc += (rows of `src`, columns col0 + k for k < K) times 4 weight columns.
+
+    The inner product of every kernel, `_CHUNK` columns at a time: the block
+    stages the rows (masked for `gate` with `dropout`, see `_stage_rows`),
+    then each active group runs `_tile_products` over the part of the chunk
+    whose weights are cached (column q at `cache[c_q + k]`, for k <
+    `cached - cached_from`) and over the rest, streamed (`streamed[w_q + k]`).
+    Every thread of the block must call it (it holds block barriers).
+    """
+    for k0 in range(0, K, _CHUNK):
+        chunk = min(_CHUNK, K - k0)
+        cuda.syncthreads()
+        _stage_rows(cache, src, n_first, staged_rows, col0 + k0, chunk, recurrent_mask, gate,
+                    dropout)
+        cuda.syncthreads()
+        if active:
+            on_chip = min(chunk, max(0, cached - cached_from - k0))
+            _tile_products(acc, cache, s0, cache, c0 + k0, c1 + k0, c2 + k0, c3 + k0, lane,
+                           on_chip, lanes)
+            _tile_products(acc, cache, s0, streamed, w0 + k0, w1 + k0, w2 + k0, w3 + k0,
+                           on_chip + lane, chunk, lanes)
 
 
 @device
@@ -204,6 +237,46 @@ def _round_shape(groups, tiles, row_tiles):
     """
     per_round_rows = max(1, min(groups // max(1, tiles), _STAGE_TILES, row_tiles))
     return per_round_rows, max(1, min(tiles, groups))
+
+
+@device
+def _tile_rounds(N, width, lanes, columns):
+    """How a step's register tiles are dealt out: tiles of `_ROWS` rows times
+    `columns` of the block's `width` units (1: a unit's four gates; 4: four
+    units of one gate).
+
+    Returns:
+        `(lane, group, row_tiles, col_tiles, tiles_per_round, cols_per_round,
+        my_tile)`: this thread's lane and group, the tile counts, a round's
+        shape (`_round_shape`) and this group's row tile within a round.
+    """
+    lane = cuda.threadIdx.x % lanes
+    group = cuda.threadIdx.x // lanes
+    row_tiles = (N + _ROWS - 1) // _ROWS
+    col_tiles = (width + columns - 1) // columns
+    tiles_per_round, cols_per_round = _round_shape(cuda.blockDim.x // lanes, col_tiles,
+                                                   row_tiles)
+    return (lane, group, row_tiles, col_tiles, tiles_per_round, cols_per_round,
+            group // cols_per_round)
+
+
+@device
+def _tile_origin(tile0, col0, group, my_tile, tiles_per_round, cols_per_round, N, width,
+                 columns):
+    """`(n_first, n0, jj0, active)` of this group's tile in the round at (tile0, col0):
+    the round's first row, the tile's first row and unit, and whether it has work."""
+    n_first = tile0 * _ROWS
+    n0 = n_first + my_tile * _ROWS
+    jj0 = columns * (col0 + group % cols_per_round)
+    return n_first, n0, jj0, my_tile < tiles_per_round and n0 < N and jj0 < width
+
+
+@device
+def _tile_item(a, n0, jj0, N, width):
+    """`(n, jj, live)` of sum `a` of a rows-by-4-units tile."""
+    n = n0 + a // 4
+    jj = jj0 + a % 4
+    return n, jj, n < N and jj < width
 
 
 @device
@@ -290,79 +363,41 @@ def forward_initial_states(first, width, h0, c0, h, c, h_seq, c_seq):
 
 
 @device
-def _dropout_products(acc, stage, s0, weights, w0, w1, w2, w3, recurrent_mask, n0, c0, lo, hi,
-                      lanes):
-    """`_tile_products` with per-gate recurrent dropout masks on the staged rows.
-
-    Unsigned indices; the masks come from global memory, so this loop does
-    less math per instruction than `_tile_products`.
-    """
-    last = uint64(recurrent_mask.shape[1] - 1)
-    n0, c0, s0, step = uint64(n0), uint64(c0), uint64(s0), uint64(lanes)
-    w0, w1, w2, w3 = uint64(w0), uint64(w1), uint64(w2), uint64(w3)
-    kk, hi = uint64(lo), uint64(hi)
-    while kk < hi:
-        k = c0 + kk
-        u0, u1, u2, u3 = weights[w0 + kk], weights[w1 + kk], weights[w2 + kk], weights[w3 + kk]
-        for r in range(_ROWS):
-            n = min(n0 + uint64(r), last)
-            x = stage[s0 + uint64(r) * _U_CHUNK + kk]
-            acc[4 * r] += x * recurrent_mask[_U0, n, k] * u0
-            acc[4 * r + 1] += x * recurrent_mask[_U1, n, k] * u1
-            acc[4 * r + 2] += x * recurrent_mask[_U2, n, k] * u2
-            acc[4 * r + 3] += x * recurrent_mask[_U3, n, k] * u3
-        kk += step
-
-
-@device
 def forward_step(t, xw, u_t, cache, cached_k, first, width, lanes, h, h_next, c_prev, c,
-                  mask, recurrent_mask, dropout, activation, recurrent_activation,
-                  zero_output_for_mask, outputs, h_seq, c_seq, gates):
+                 mask, recurrent_mask, dropout, activation, recurrent_activation,
+                 zero_output_for_mask, outputs, h_seq, c_seq, gates):
     """One timestep for the block's units: reads h and c_prev, writes h_next and c.
 
-    `dropout` (a compile-time constant) says whether `recurrent_mask` applies.
+    `dropout` (a compile-time constant) says whether `recurrent_mask` applies
+    (`_forward_dropout_step`). Without it a register tile is `_ROWS` rows
+    times the four gates of one unit.
     """
+    if dropout:
+        _forward_dropout_step(t, xw, u_t, cache, cached_k, first, width, lanes, h, h_next,
+                              c_prev, c, mask, recurrent_mask, activation,
+                              recurrent_activation, zero_output_for_mask, outputs, h_seq,
+                              c_seq, gates)
+        return
     N, H = h.shape
     acc = cuda.local.array(_ACC, float32)
-    lane = cuda.threadIdx.x % lanes
-    group = cuda.threadIdx.x // lanes
-    row_tiles = (N + _ROWS - 1) // _ROWS
-    tiles_per_round, units_per_round = _round_shape(cuda.blockDim.x // lanes, width, row_tiles)
-    my_tile = group // units_per_round
+    lane, group, row_tiles, _, tiles_per_round, units_per_round, my_tile = _tile_rounds(
+        N, width, lanes, 1)
+    gate_stride = width * cached_k
     # Block-uniform trip counts: every thread reaches each barrier and shuffle.
     for tile0 in range(0, row_tiles, tiles_per_round):
-        n_first = tile0 * _ROWS
-        n0 = n_first + my_tile * _ROWS
         for unit0 in range(0, width, units_per_round):
-            jj = unit0 + group % units_per_round
-            active = my_tile < tiles_per_round and n0 < N and jj < width
+            n_first, n0, jj, active = _tile_origin(tile0, unit0, group, my_tile,
+                                                   tiles_per_round, units_per_round, N, width, 1)
             j = first + min(jj, width - 1)
             for a in range(_ACC):
                 acc[a] = _ZERO
             s0 = WEIGHT_FLOATS + my_tile * _ROWS * _CHUNK
-            for k0 in range(0, H, _CHUNK):
-                chunk = min(_CHUNK, H - k0)
-                cuda.syncthreads()
-                _stage_rows(cache, h, n_first, tiles_per_round * _ROWS, k0, chunk)
-                cuda.syncthreads()
-                if active:
-                    on_chip = min(chunk, max(0, cached_k - k0))
-                    jc = min(jj, width - 1) * cached_k + k0
-                    gate_stride = width * cached_k
-                    jt = j * H + k0
-                    if dropout:
-                        _dropout_products(acc, cache, s0, cache, jc, jc + gate_stride,
-                                          jc + 2 * gate_stride, jc + 3 * gate_stride,
-                                          recurrent_mask, n0, k0, lane, on_chip, lanes)
-                        _dropout_products(acc, cache, s0, u_t, jt, jt + H * H, jt + 2 * H * H,
-                                          jt + 3 * H * H, recurrent_mask, n0, k0,
-                                          on_chip + lane, chunk, lanes)
-                    else:
-                        _tile_products(acc, cache, s0, cache, jc, jc + gate_stride,
-                                       jc + 2 * gate_stride, jc + 3 * gate_stride, lane,
-                                       on_chip, lanes)
-                        _tile_products(acc, cache, s0, u_t, jt, jt + H * H, jt + 2 * H * H,
-                                       jt + 3 * H * H, on_chip + lane, chunk, lanes)
+            jc = min(jj, width - 1) * cached_k
+            jt = j * H
+            _chunk_products(acc, cache, h, 0, H, n_first, tiles_per_round * _ROWS, s0, active,
+                            lane, lanes, cached_k, 0, jc, jc + gate_stride, jc + 2 * gate_stride,
+                            jc + 3 * gate_stride, u_t, jt, jt + H * H, jt + 2 * H * H,
+                            jt + 3 * H * H, recurrent_mask, 0, False)
             _group_sum(acc, lanes)
             _share_sums(cache, acc, lane, group)
             if active:
@@ -374,6 +409,57 @@ def forward_step(t, xw, u_t, cache, cached_k, first, width, lanes, h, h_next, c_
                                       cache[z + 3], xw, mask, h, h_next, c_prev, c, activation,
                                       recurrent_activation, zero_output_for_mask, outputs, h_seq,
                                       c_seq, gates)
+
+
+@device
+def _forward_dropout_step(t, xw, u_t, cache, cached_k, first, width, lanes, h, h_next, c_prev,
+                          c, mask, recurrent_mask, activation, recurrent_activation,
+                          zero_output_for_mask, outputs, h_seq, c_seq, gates):
+    """`forward_step` with recurrent dropout: each gate sees its own masked h.
+
+    A register tile is `_ROWS` rows times 4 units of one gate, so the staged
+    rows (`h` times that gate's mask) are shared by the tile's columns and the
+    inner loop is `_tile_products`, as without dropout. The four gates run one
+    after another; each adds its sums into `xw[t]` (the drivers' private
+    time-major copy, each element read once afterwards, by the lane that
+    wrote it), then the cell update reads them back from there.
+    """
+    N, H = h.shape
+    acc = cuda.local.array(_ACC, float32)
+    lane, group, row_tiles, col_tiles, tiles_per_round, cols_per_round, my_tile = _tile_rounds(
+        N, width, lanes, 4)
+    for tile0 in range(0, row_tiles, tiles_per_round):
+        for col0 in range(0, col_tiles, cols_per_round):
+            n_first, n0, jj0, active = _tile_origin(tile0, col0, group, my_tile,
+                                                    tiles_per_round, cols_per_round, N, width, 4)
+            q0, q1 = min(jj0, width - 1), min(jj0 + 1, width - 1)
+            q2, q3 = min(jj0 + 2, width - 1), min(jj0 + 3, width - 1)
+            s0 = WEIGHT_FLOATS + my_tile * _ROWS * _CHUNK
+            for g in range(4):
+                for a in range(_ACC):
+                    acc[a] = _ZERO
+                jc = g * width * cached_k
+                jt = (g * H + first) * H
+                _chunk_products(acc, cache, h, 0, H, n_first, tiles_per_round * _ROWS, s0,
+                                active, lane, lanes, cached_k, 0, jc + q0 * cached_k,
+                                jc + q1 * cached_k, jc + q2 * cached_k, jc + q3 * cached_k, u_t,
+                                jt + q0 * H, jt + q1 * H, jt + q2 * H, jt + q3 * H,
+                                recurrent_mask, g, True)
+                _group_sum(acc, lanes)
+                _share_sums(cache, acc, lane, group)
+                if active:
+                    for a in range(lane, _ACC, lanes):
+                        n, jj, live = _tile_item(a, n0, jj0, N, width)
+                        if live:
+                            xw[t, n, g * H + first + jj] += cache[WEIGHT_FLOATS + group * _ACC
+                                                                  + a]
+            if active:
+                for a in range(lane, _ACC, lanes):
+                    n, jj, live = _tile_item(a, n0, jj0, N, width)
+                    if live:
+                        _forward_unit(t, n, first + jj, _ZERO, _ZERO, _ZERO, _ZERO, xw, mask, h,
+                                      h_next, c_prev, c, activation, recurrent_activation,
+                                      zero_output_for_mask, outputs, h_seq, c_seq, gates)
 
 
 # ---------------------------------------------------------------------------
@@ -445,7 +531,7 @@ def _fold_gate(total, acc, r, recurrent_mask, g, n, first, rows):
 
 @device
 def backward_products(t, u_flat, cache, cached_c, first, width, lanes, mask, recurrent_mask,
-                       dropout, d_xw, dh):
+                      dropout, d_xw, dh):
     """dh[n, j] = (d_xw[t] @ U.T)[n, j], per-gate dropout masks applied, for live rows.
 
     Register tiles of `_ROWS` rows times 4 units. With `dropout` (a
@@ -456,20 +542,13 @@ def backward_products(t, u_flat, cache, cached_c, first, width, lanes, mask, rec
     dz = d_xw[t]
     acc = cuda.local.array(_ACC, float32)
     total = cuda.local.array(_ACC, float32)
-    lane = cuda.threadIdx.x % lanes
-    group = cuda.threadIdx.x // lanes
-    row_tiles = (N + _ROWS - 1) // _ROWS
-    unit_tiles = (width + 3) // 4
-    tiles_per_round, units_per_round = _round_shape(cuda.blockDim.x // lanes, unit_tiles,
-                                                    row_tiles)
-    my_tile = group // units_per_round
+    lane, group, row_tiles, col_tiles, tiles_per_round, cols_per_round, my_tile = _tile_rounds(
+        N, width, lanes, 4)
     masked = mask.shape[0] > 0
     for tile0 in range(0, row_tiles, tiles_per_round):
-        n_first = tile0 * _ROWS
-        n0 = n_first + my_tile * _ROWS
-        for unit0 in range(0, unit_tiles, units_per_round):
-            jj0 = 4 * (unit0 + group % units_per_round)
-            active = my_tile < tiles_per_round and n0 < N and jj0 < width
+        for col0 in range(0, col_tiles, cols_per_round):
+            n_first, n0, jj0, active = _tile_origin(tile0, col0, group, my_tile,
+                                                    tiles_per_round, cols_per_round, N, width, 4)
             rows = (min(jj0, width - 1), min(jj0 + 1, width - 1), min(jj0 + 2, width - 1),
                     min(jj0 + 3, width - 1))
             for a in range(_ACC):
@@ -481,23 +560,14 @@ def backward_products(t, u_flat, cache, cached_c, first, width, lanes, mask, rec
                 if dropout:
                     for a in range(_ACC):
                         acc[a] = _ZERO
-                for k0 in range(0, H, _CHUNK):
-                    chunk = min(_CHUNK, H - k0)
-                    col0 = g * H + k0
-                    cuda.syncthreads()
-                    _stage_rows(cache, dz, n_first, tiles_per_round * _ROWS, col0, chunk)
-                    cuda.syncthreads()
-                    if active:
-                        on_chip = min(chunk, max(0, cached_c - col0))
-                        _tile_products(acc, cache, s0, cache, rows[0] * cached_c + col0,
-                                       rows[1] * cached_c + col0, rows[2] * cached_c + col0,
-                                       rows[3] * cached_c + col0, lane, on_chip, lanes)
-                        u0 = (first + rows[0]) * 4 * H + col0
-                        _tile_products(acc, cache, s0, u_flat, u0,
-                                       u0 + (rows[1] - rows[0]) * 4 * H,
-                                       u0 + (rows[2] - rows[0]) * 4 * H,
-                                       u0 + (rows[3] - rows[0]) * 4 * H,
-                                       on_chip + lane, chunk, lanes)
+                u0 = (first + rows[0]) * 4 * H + g * H
+                _chunk_products(acc, cache, dz, g * H, H, n_first, tiles_per_round * _ROWS, s0,
+                                active, lane, lanes, cached_c, g * H,
+                                rows[0] * cached_c + g * H, rows[1] * cached_c + g * H,
+                                rows[2] * cached_c + g * H, rows[3] * cached_c + g * H, u_flat,
+                                u0, u0 + (rows[1] - rows[0]) * 4 * H,
+                                u0 + (rows[2] - rows[0]) * 4 * H,
+                                u0 + (rows[3] - rows[0]) * 4 * H, recurrent_mask, 0, False)
                 if dropout and active:
                     for r in range(_ROWS):
                         _fold_gate(total, acc, r, recurrent_mask, g, min(n0 + r, N - 1),
@@ -510,7 +580,6 @@ def backward_products(t, u_flat, cache, cached_c, first, width, lanes, mask, rec
                 _share_sums(cache, acc, lane, group)
             if active:
                 for a in range(lane, _ACC, lanes):
-                    n = n0 + a // 4
-                    jj = jj0 + a % 4
-                    if n < N and jj < width and (not masked or mask[t, n]):
+                    n, jj, live = _tile_item(a, n0, jj0, N, width)
+                    if live and (not masked or mask[t, n]):
                         dh[n, first + jj] = cache[WEIGHT_FLOATS + group * _ACC + a]
