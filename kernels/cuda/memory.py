@@ -15,8 +15,10 @@ from .device import SIMULATED
 from .factory import swap_leading_axes
 
 _DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
-_SWAP_THREADS = 256
-_SWAP_MAX_BLOCKS = 1024
+# Threads and blocks of `swap_leading_axes`. The simulator runs each thread as a
+# Python thread and the blocks one after another: few of both there.
+_SWAP_THREADS = 8 if SIMULATED else 256
+_SWAP_MAX_BLOCKS = 4 if SIMULATED else 1024
 _SCRATCH = {}
 
 
