@@ -31,6 +31,16 @@ def on_gpu():
     return DEVICE == "cuda"
 
 
+# Driver launch options in the CUDA simulator: few threads per block (each is a
+# Python thread there). On a GPU the drivers' defaults.
+SIMULATOR_LAUNCH = {"block_size": 16, "lanes": 4}
+
+
+def launch_options():
+    """Launch options for the CUDA drivers on the current device."""
+    return {} if on_gpu() else dict(SIMULATOR_LAUNCH)
+
+
 def synchronize(torch):
     """Waits for the GPU (nothing to wait for on the CPU)."""
     if on_gpu():

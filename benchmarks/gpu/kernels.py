@@ -23,6 +23,7 @@ prints to `<out>/gpu_kernels.txt`.
 """
 
 import argparse
+import glob
 import os
 from contextlib import nullcontext
 import shutil
@@ -133,7 +134,8 @@ def fused_forward(problem, training, stream):
 
     return cuda_kernels.forward(
         projection(problem).transpose(0, 1).contiguous(), problem["recurrent_kernel"],
-        problem["h0"], problem["c0"], None, None, TANH, SIGMOID, False, training, stream=stream)
+        problem["h0"], problem["c0"], None, None, TANH, SIGMOID, False, training, stream=stream,
+        **harness.launch_options())
 
 
 def fused_train_step(problem, stream):
@@ -152,7 +154,7 @@ def fused_train_step(problem, stream):
     d_xw, d_h0, d_c0 = cuda_kernels.backward(
         problem["recurrent_kernel"], None, None, TANH, SIGMOID, False, saved,
         problem["d_outputs"].transpose(0, 1).contiguous(), problem["d_h_n"], problem["d_c_n"],
-        stream=stream)
+        stream=stream, **harness.launch_options())
     T, N, C = problem["x"].shape
     H = problem["h0"].shape[1]
     d_xw = tensor(d_xw).transpose(0, 1).reshape(T * N, 4 * H)
@@ -213,8 +215,12 @@ def cudnn_train_step(lstm, problem):
 # kernels: correctness and compute-sanitizer.
 
 
-def run_kernel_checks(batches=CHECK_BATCHES, units=CHECK_UNITS, steps=CHECK_STEPS):
-    """`check_kernels` for every (N, H, T); `{"rows": [...], "all_passed": bool}`."""
+def run_kernel_checks(batches=CHECK_BATCHES, units=CHECK_UNITS, steps=CHECK_STEPS,
+                      on_row=None):
+    """`check_kernels` for every (N, H, T); `{"rows": [...], "all_passed": bool}`.
+
+    `on_row(rows)`, when given, is called after each row (to save progress).
+    """
     import torch
 
     set_tf32(False)
@@ -227,6 +233,8 @@ def run_kernel_checks(batches=CHECK_BATCHES, units=CHECK_UNITS, steps=CHECK_STEP
                 with torch.cuda.stream(stream) if stream is not None else nullcontext():
                     rows.append(check_kernels(N, H, T, stream))
                 say(f"check N={N} H={H} T={T}: {rows[-1]['passed']}")
+                if on_row is not None:
+                    on_row(rows)
     return {"rows": rows, "all_passed": all(row["passed"] for row in rows)}
 
 
@@ -288,9 +296,9 @@ SMALL_LAUNCHES = (
 )
 # The same kinds in the CUDA simulator, whose cooperative grids are one block.
 SIMULATOR_LAUNCHES = (
-    dict(single_block=False, block_size=32, lanes=8, cache_floats=100),
+    dict(single_block=False, block_size=16, lanes=8, cache_floats=100),
     dict(single_block=True, block_size=16, lanes=4),
-    dict(step_launches=True, units_per_block=6, block_size=32, lanes=8, cache_floats=200),
+    dict(step_launches=True, units_per_block=2, block_size=16, lanes=4, cache_floats=20),
 )
 
 
@@ -309,8 +317,8 @@ def small_check_errors(launches=SMALL_LAUNCHES, T=3, N=5, H=40):
     rng = np.random.default_rng(0)
     f32 = np.float32
     mask = np.ones((N, T), bool)
-    mask[1, 0] = mask[2, 1 % T] = False
-    mask[3, :] = False
+    mask[1 % N, 0] = mask[2 % N, 1 % T] = False
+    mask[-1, :] = False
     recurrent_mask = ((rng.random((4, N, H)) > 0.3) / 0.7).astype(f32)
     xw = rng.standard_normal((N, T, 4 * H)).astype(f32)
     u = (rng.standard_normal((H, 4 * H)) / np.sqrt(H)).astype(f32)
@@ -350,8 +358,7 @@ def run_small_check():
 
 def run_sanitizers(out_dir, timeout=900):
     """memcheck and racecheck over `--small`; `{"available": False}` without the tool."""
-    executable = shutil.which("compute-sanitizer") or _existing(
-        "/usr/local/cuda/bin/compute-sanitizer")
+    executable = find_sanitizer()
     if executable is None:
         say("compute-sanitizer: not found on PATH, skipped")
         return {"available": False}
@@ -370,8 +377,13 @@ def run_sanitizers(out_dir, timeout=900):
     return results
 
 
-def _existing(path):
-    return path if os.path.exists(path) else None
+def find_sanitizer():
+    """compute-sanitizer on PATH or in a CUDA toolkit under /usr/local, else None."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    candidates = sorted(glob.glob("/usr/local/cuda*/bin/compute-sanitizer"), reverse=True)
+    return next((path for path in candidates if os.access(path, os.X_OK)), None)
 
 
 # ---------------------------------------------------------------------------

@@ -233,19 +233,25 @@ def _float64(tensor):
 # layer: checks and training.
 
 
-def run_layer_checks(stack):
+def run_layer_checks(stack, sizes=CHECK_SIZES, cases=CHECK_CASES, on_row=None):
+    """`check_layer_case` for every size (N, T, C, H) and case; a list of rows.
+
+    `on_row(rows)`, when given, is called after each case (to save progress).
+    """
     import numpy as np
 
     set_tf32(False)
     rows = []
     try:
-        for size in CHECK_SIZES:
-            for case, (kwargs, options) in CHECK_CASES.items():
+        for size in sizes:
+            for case, (kwargs, options) in cases.items():
                 new_rows = check_layer_case(stack, case, size, kwargs, options,
-                                     np.random.default_rng(len(rows)))
+                                            np.random.default_rng(len(rows)))
                 for row in new_rows:
                     say(format_check(row))
                 rows.extend(new_rows)
+                if on_row is not None:
+                    on_row(rows)
     finally:
         set_tf32(True)
     return rows
