@@ -44,6 +44,7 @@ this script only picks, budgets and reports.
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -121,6 +122,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.download:
         return download_wheels()
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage:
         return run_stage(args)
@@ -196,11 +198,15 @@ def run_stage_process(name, out, dry, timeout, env):
     log = out / f"stage_{name}.log"
     started = time.perf_counter()
     with open(log, "w") as stream:
+        # Its own process group, so that a stage over budget is stopped with all
+        # it started (pytest, compute-sanitizer).
+        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env,
+                                   cwd=ROOT, start_new_session=True)
         try:
-            done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env,
-                                  cwd=ROOT, timeout=timeout)
-            returncode, timed_out = done.returncode, False
+            returncode, timed_out = process.wait(timeout=timeout), False
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             returncode, timed_out = None, True
     result = json.loads(path.read_text()) if path.exists() else {}
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -334,25 +340,31 @@ def stage_kernel_checks(args, dry, sizes, save):
     small = kernel_checks.small_check_errors(launches, **sizes["small"])
     result["small"] = small
     save(result)
+    rows = _rows_until(args.deadline, result, "torch_rows", save,
+                       kernel_checks.run_kernel_checks, **sizes["kernel_checks"])
+    small_ok = all(row["max_abs"] <= harness.GRAD_TOL for row in small)
+    rows_ok = all(row["passed"] for row in rows)
+    result["status"] = ("failed" if not (small_ok and rows_ok) else
+                        "over budget" if result.get("over_budget") else "passed")
+    result["partial"] = False
+    return result
 
+
+def _rows_until(deadline, result, key, save, function, *args, **kwargs):
+    """Runs `function(*args, on_row=..., **kwargs)`, saving its rows so far as
+    `result[key]` after each one and stopping it once `deadline` has passed
+    (`result["over_budget"]`). Returns the rows."""
     def progress(rows):
-        result["torch_rows"] = rows
+        result[key] = list(rows)
         save(result)
-        if args.deadline and time.time() > args.deadline:
+        if deadline and time.time() > deadline:
             raise StageOverBudget
 
     try:
-        checked = kernel_checks.run_kernel_checks(**sizes["kernel_checks"], on_row=progress)
-        result["torch_rows"] = checked["rows"]
+        function(*args, on_row=progress, **kwargs)
     except StageOverBudget:
         result["over_budget"] = True
-    small_ok = all(row["max_abs"] <= harness.GRAD_TOL for row in small)
-    rows_ok = all(row["passed"] for row in result.get("torch_rows", []))
-    complete = not result.get("over_budget")
-    result["status"] = "passed" if small_ok and rows_ok and complete else (
-        "failed" if not (small_ok and rows_ok) else "over budget")
-    result["partial"] = False
-    return result
+    return result.get(key, [])
 
 
 def stage_sanitizers(args, dry, sizes, save):
@@ -375,22 +387,11 @@ def stage_layer_checks(args, dry, sizes, save):
     if dry:
         cases = {name: cases[name] for name in DRY_LAYER_CASES}
     result = {"status": "started", "partial": True}
-
-    def progress(rows):
-        result["rows"] = rows
-        save(result)
-        if args.deadline and time.time() > args.deadline:
-            raise StageOverBudget
-
-    try:
-        result["rows"] = layer_checks.run_layer_checks(stack, sizes["layer_sizes"], cases,
-                                                       on_row=progress)
-    except StageOverBudget:
-        result["over_budget"] = True
-    rows = result.get("rows", [])
+    rows = _rows_until(args.deadline, result, "rows", save, layer_checks.run_layer_checks,
+                       stack, sizes["layer_sizes"], cases)
     ok = bool(rows) and all(row["passed"] for row in rows)
-    result["status"] = ("passed" if ok and not result.get("over_budget") else
-                        "failed" if not ok and rows else "over budget")
+    result["status"] = ("failed" if rows and not ok else
+                        "over budget" if result.get("over_budget") or not rows else "passed")
     result["partial"] = False
     return result
 

@@ -5,6 +5,7 @@ the torch device the checks put their tensors on: "cuda" on a GPU, "cpu" in
 a dry run with the CUDA simulator (`use_device`).
 """
 
+import argparse
 import json
 import platform
 import statistics
@@ -58,6 +59,25 @@ def add_common_arguments(parser):
                         help="untimed runs first (default: %(default)s)")
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks")
     parser.add_argument("--skip-timings", action="store_true", help="skip the timings")
+
+
+def run_command(description, add_arguments, run, argv=None, first=None):
+    """The `main` of a check script: its options and the common ones, then `run(args)`.
+
+    `first(args)`, when given, runs before anything else; a status it returns
+    (not None) ends the command there.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    add_common_arguments(parser)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if first is not None:
+        status = first(args)
+        if status is not None:
+            return status
+    args.out.mkdir(parents=True, exist_ok=True)
+    run(args)
+    return 0
 
 
 def now():

@@ -22,7 +22,6 @@ Writes `<out>/gpu_kernels.json` (rewritten after each part) and everything it
 prints to `<out>/gpu_kernels.txt`.
 """
 
-import argparse
 import glob
 import os
 from contextlib import nullcontext
@@ -34,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
-from harness import (GRAD_TOL, ROOT, SIGMOID, STATE_TOL, TANH, add_common_arguments,  # noqa: E402
-                     environment, now, save_json, say, set_tf32, start_log, time_us)
+from harness import (GRAD_TOL, ROOT, SIGMOID, STATE_TOL, TANH, environment, now,  # noqa: E402
+                     save_json, say, set_tf32, start_log, time_us)
 
 CHECK_BATCHES = (1, 4, 16, 64, 256)
 CHECK_UNITS = (128, 256, 512, 1024)
@@ -80,15 +79,8 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.small:
-        return run_small_check()
-    args.out.mkdir(parents=True, exist_ok=True)
-    run(args)
-    return 0
+    return harness.run_command(__doc__.splitlines()[0], add_arguments, run, argv,
+                               first=lambda args: run_small_check() if args.small else None)
 
 
 # ---------------------------------------------------------------------------

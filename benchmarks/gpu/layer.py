@@ -23,7 +23,6 @@ Writes `<out>/gpu_layer.json` (rewritten after each part) and everything it
 prints to `<out>/gpu_layer.txt`.
 """
 
-import argparse
 import importlib
 import os
 import sys
@@ -32,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
-from harness import (GRAD_TOL, OUTPUT_TOL, ROOT, add_common_arguments, environment,  # noqa: E402
-                     median_ms, now, save_json, say, set_tf32, start_log)
+from harness import (GRAD_TOL, OUTPUT_TOL, ROOT, environment, median_ms, now,  # noqa: E402
+                     save_json, say, set_tf32, start_log)
 
 TIMED_STEPS = 100
 TIMED_BATCHES = (1, 16, 64, 256)
@@ -92,13 +91,7 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    run(args)
-    return 0
+    return harness.run_command(__doc__.splitlines()[0], add_arguments, run, argv)
 
 
 # ---------------------------------------------------------------------------
