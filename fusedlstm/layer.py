@@ -47,10 +47,12 @@ class LSTM(keras.layers.LSTM):
     precision (variables in float32, the kernel computing in float32, outputs
     in the policy's compute dtype). When a condition fails, `use_fused="auto"`
     warns once and runs the stock loop; `use_fused=True` raises a
-    `ValueError` naming the reason. On a GPU, `"auto"` runs fused only where
-    the stock layer would leave cuDNN (masks other than right-padded,
-    recurrent dropout, activations cuDNN lacks) or where the performance
-    model predicts a win, and cuDNN elsewhere (rule: `fusedlstm.backends.gpu_policy`).
+    `ValueError` naming the reason. On a GPU, `"auto"` runs the stock layer
+    (one warning) until the CUDA kernels are verified on a GPU; after that,
+    or with `FUSEDLSTM_KERNEL=cuda`, fused only where the stock layer would
+    leave cuDNN (masks, recurrent dropout, activations cuDNN lacks) or where
+    the performance model predicts a win, and cuDNN elsewhere (rule:
+    `fusedlstm.backends.gpu_policy`).
 
     Two cases run the stock layer's ops by design. A statically known single
     timestep outside training, without a mask (streaming one step per call),

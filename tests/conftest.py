@@ -13,6 +13,8 @@ def pytest_collection_modifyitems(config, items):
     PyTorch and JAX passes skip them instead of running them twice more."""
     if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
         return
+    if os.environ.get("FUSEDLSTM_BACKEND_INDEPENDENT_TESTS") == "1":
+        return  # benchmarks/gpu_run.py: the GPU image has no TensorFlow
     skip = pytest.mark.skip(reason="backend-independent: runs in the TensorFlow pass")
     for item in items:
         if getattr(item.module, "BACKEND_INDEPENDENT", False):

@@ -1,4 +1,4 @@
-"""Tests of the CUDA kernels (`kernels/cuda.py`), most of them without a GPU.
+"""Tests of the CUDA kernels (`kernels/cuda/`), most of them without a GPU.
 
 1. Simulator. The kernels run in Numba's CUDA simulator, which must be chosen
    (`NUMBA_ENABLE_CUDASIM=1`) before `numba.cuda` is first imported, while the
@@ -335,18 +335,20 @@ def test_select_kernels_rejects_unknown_value(monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# The GPU script.
+# The GPU scripts: benchmarks/gpu/checks.py (subcommands) and the two it runs.
 
 
-@pytest.mark.parametrize("command, options", [
-    ("kernels", ("--small", "--skip-sanitizers", "--out")),
-    ("layer", ("--batches", "--skip-training", "--out")),
-    ("all", ("--small", "--batches", "--repeats")),
+@pytest.mark.parametrize("script, command, options", [
+    ("checks.py", "kernels", ("--small", "--skip-sanitizers", "--out")),
+    ("checks.py", "layer", ("--batches", "--skip-training", "--out")),
+    ("checks.py", "all", ("--small", "--batches", "--repeats")),
+    ("kernels.py", None, ("--small", "--skip-sanitizers", "--skip-timings")),
+    ("layer.py", None, ("--batches", "--units", "--skip-training")),
 ])
-def test_gpu_benchmark_script_help(command, options):
-    script = ROOT / "benchmarks" / "gpu" / "checks.py"
-    done = subprocess.run([sys.executable, str(script), command, "--help"],
-                          capture_output=True, text=True, timeout=120)
+def test_gpu_benchmark_script_help(script, command, options):
+    path = ROOT / "benchmarks" / "gpu" / script
+    done = subprocess.run([sys.executable, str(path)] + ([command] if command else []) +
+                          ["--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for option in options:
         assert option in done.stdout

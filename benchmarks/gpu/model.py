@@ -4,10 +4,10 @@ This is a model, not a measurement: no GPU has run these kernels. It reads
 the SASS report (`python benchmarks/gpu/sass.py`, default
 `benchmarks/results/sass-sm_90.json`) for the instruction counts of the
 kernels' inner loops, replays the host launcher's choice of grid
-(`kernels/cuda.py`), and predicts microseconds per timestep, forward and
+(`kernels/cuda/launch.py`), and predicts microseconds per timestep, forward and
 backward, for N in {1, 16, 64, 256} and H in {256, 512, 1024}:
 
-    python benchmarks/gpu_model.py [--sass PATH] [--out benchmarks/results/]
+    python benchmarks/gpu/model.py [--sass PATH] [--out benchmarks/results/]
 
 writes `gpu-model-h100.json` and `gpu-model-h100.md` there.
 
@@ -82,7 +82,7 @@ ROUND_FORWARD = 300
 ROUND_BACKWARD = 60
 CELL_BACKWARD = 80
 
-# The launch the host driver uses by default (`kernels/cuda.py`).
+# The launch the host driver uses by default (`kernels/cuda/drivers.py`).
 THREADS = 256
 LANES = 32
 WARP = 32
@@ -263,7 +263,7 @@ def markdown(rows, sass_path, sass):
         f"{hot['lstm_forward_persistent']['ffma']} FFMA, backward "
         f"{hot['lstm_backward_persistent']['instructions']} / "
         f"{hot['lstm_backward_persistent']['ffma']}), the constants below, and the "
-        "sources in `benchmarks/gpu_model.py`. Ratio = fused / cuDNN fp32; target from "
+        "sources in `benchmarks/gpu/model.py`. Ratio = fused / cuDNN fp32; target from "
         "issue 10 (<= 0.5 at N <= 16 and H <= 512, <= 1.0 at N = 64).",
         "",
         "Bound: the largest term of the fused forward step after the fixed "
