@@ -226,6 +226,31 @@ def _device_array_run(kernels):
     }
 
 
+def _empty_runs(kernels):
+    """N=0 or T=0 launches nothing and gives the CPU drivers' results, on host or device."""
+    results = {}
+    for N, T in ((0, 4), (2, 0)):
+        x = _case_inputs(T=max(T, 1), N=max(N, 1), H=3)
+        xw = np.zeros((N, T, 12), np.float32)
+        h0, c0 = x["h0"][:N], x["c0"][:N]
+        for place in ("host", "device"):
+            put = cuda.to_device if place == "device" else np.asarray
+            got = kernels.forward(put(xw), put(x["recurrent_kernel"]), put(h0), put(c0), None,
+                                  None, 0, 1, False, True)
+            grads = kernels.backward(put(x["recurrent_kernel"]), None, None, 0, 1, False, got[3],
+                                     put(np.zeros((N, T, 3), np.float32)), put(h0), put(c0))
+            host = [np.asarray(a) if place == "host" else a.copy_to_host()
+                    for a in got[:3] + tuple(got[3]) + tuple(grads)]
+            want = cpu.forward(xw, x["recurrent_kernel"], h0, c0, None, None, 0, 1, False, True)
+            want_grads = cpu.backward(x["recurrent_kernel"], None, None, 0, 1, False, want[3],
+                                      np.zeros((N, T, 3), np.float32), h0, c0)
+            expected = list(want[:3] + tuple(want[3]) + tuple(want_grads))
+            results[f"N{N}_T{T}_{place}"] = (
+                [a.shape for a in host] == [a.shape for a in expected]
+                and all(np.array_equal(a, b) for a, b in zip(host, expected) if a.size))
+    return results
+
+
 def _selected_under_cuda_switch():
     from fusedlstm.kernels import cuda as cuda_kernels
     from fusedlstm.kernels.select import select_kernels
@@ -241,6 +266,7 @@ def _run_simulator_suite():
         "cases": {name: _run_case(cuda_kernels, case) for name, case in CASES.items()},
         "validation": _validation_messages(cuda_kernels),
         "device_arrays": _device_array_run(cuda_kernels),
+        "empty": _empty_runs(cuda_kernels),
         "cuda_switch_selects_cuda": _selected_under_cuda_switch(),
     }
 
@@ -278,13 +304,13 @@ def test_simulated_kernels_match_cpu_and_reference(simulated, name):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("xw_rank", "xw must have shape [N, T, 4H] with H >= 1; received [2, 20]"),
-    ("xw_not_4h", "xw must have shape [N, T, 4H] with H >= 1; received [3, 2, 7]"),
-    ("recurrent_kernel_shape", "recurrent_kernel must have shape [5, 20]; received [5, 8]"),
-    ("h0_shape", "h0 must have shape [3, 5]; received [2, 5]"),
-    ("mask_shape", "mask must have shape [3, 2]; received [3, 3]"),
-    ("recurrent_mask_shape", "recurrent_mask must have shape [4, 3, 5]; received [4, 3, 4]"),
-    ("device_dtype", "xw must be float32 on the device; received float64"),
+    ("xw_rank", "Expected `xw` of shape [N, T, 4H] with H >= 1. Received: xw.shape=(2, 20)"),
+    ("xw_not_4h", "Expected `xw` of shape [N, T, 4H] with H >= 1. Received: xw.shape=(3, 2, 7)"),
+    ("recurrent_kernel_shape", "Received: recurrent_kernel.shape=(5, 8)"),
+    ("h0_shape", "Expected `h0` of shape [N, H] = (3, 5)"),
+    ("mask_shape", "Expected `mask` of shape [N, T] = (3, 2)"),
+    ("recurrent_mask_shape", "Received: recurrent_mask.shape=(4, 3, 4)"),
+    ("device_dtype", "Expected `xw` of dtype float32. Received: xw.dtype=float64"),
     ("device_layout", "recurrent_kernel must be C-contiguous"),
     ("lanes", "lanes must be a power of two from 1 to 32; received 3"),
     ("block_size", "block_size must be a multiple of lanes=8 between 1 and 256; received 12"),
@@ -292,7 +318,7 @@ def test_simulated_kernels_match_cpu_and_reference(simulated, name):
     ("units_per_block", "units_per_block must be >= 1; received 0"),
     ("too_many_blocks", "units_per_block=2 needs 3 blocks for H=5, but a cooperative launch"),
     ("single_block_units", "single_block=True needs units_per_block >= H=5"),
-    ("backward_without_saved", "saved must be the (h_in, c_seq, gates)"),
+    ("backward_without_saved", "Expected `saved` to be the (h_in, c_seq, gates)"),
 ])
 def test_simulated_driver_rejects_bad_input(simulated, name, expected):
     message = simulated["validation"][name]
@@ -303,6 +329,11 @@ def test_simulated_device_arrays_stay_on_device(simulated):
     result = simulated["device_arrays"]
     assert result["returns_device_arrays"]
     assert result["max_error"] == 0.0
+
+
+def test_simulated_empty_batch_and_sequence_launch_nothing(simulated):
+    assert simulated["empty"] == {f"N{N}_T{T}_{place}": True for N, T in ((0, 4), (2, 0))
+                                  for place in ("host", "device")}
 
 
 def test_simulated_cuda_switch_runs_cuda_kernels_on_cpu_data(simulated):

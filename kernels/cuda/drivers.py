@@ -1,17 +1,23 @@
 """Host drivers of the CUDA kernels: `forward` and `backward`, batch-major.
 
 The same arguments and results as `kernels.cpu.forward` and `backward`, plus
-launch options. They validate the inputs, move them to the device
-(`memory`), pick and launch the kernels (`launch`) and return the results.
+launch options. They validate the inputs (`kernels.checks`, shared with the CPU
+drivers), move them to the device (`memory`), pick and launch the kernels
+(`launch`) and return the results. An empty batch (N=0) or sequence (T=0)
+launches nothing (a grid of no blocks is an error): the CPU drivers' empty
+results are moved to the device.
 """
 
 import numpy as np
 from numba import cuda
 
+from .. import cpu
+from ..checks import check_backward, check_forward
 from .factory import kernels_for
 from .launch import check_launch_options, launch
-from .memory import (as_stream, is_device_array, mask_or_empty, recurrent_mask_or_empty,
-                     scratch, swap_leading, time_major, to_device, to_host)
+from .memory import (as_stream, device_view, is_device_array, mask_or_empty,
+                     recurrent_mask_or_empty, scratch, swap_leading, time_major, to_device,
+                     to_host)
 
 
 def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
@@ -58,10 +64,16 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
         arrays when `xw` is a NumPy array, otherwise Numba device arrays
         written on `stream`.
     """
+    N, T, H = check_forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, contiguous=False)
     cache_floats = check_launch_options(block_size, lanes, units_per_block, cache_floats)
     stream = as_stream(stream)
     on_host = not is_device_array(xw)
-    N, T, H = _sequence_shape(xw, "xw", 4)
+    if N == 0 or T == 0:
+        outputs, h_n, c_n, saved = cpu.forward(
+            *_host((xw, recurrent_kernel, h0, c0, mask, recurrent_mask), stream),
+            activation, recurrent_activation, zero_output_for_mask, training)
+        outputs, h_n, c_n = _placed((outputs, h_n, c_n), on_host, stream)
+        return outputs, h_n, c_n, None if saved is None else _placed(saved, on_host, stream)
     f32 = np.float32
     xw = time_major(xw, "xw", (N, T, 4 * H), f32, stream)
     recurrent_kernel = to_device(recurrent_kernel, "recurrent_kernel", (H, 4 * H), f32, stream)
@@ -113,13 +125,19 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
         `(d_xw [N, T, 4H], d_h0, d_c0)`: NumPy arrays when `d_outputs` is a
         NumPy array, otherwise Numba device arrays written on `stream`.
     """
-    if saved is None or len(saved) != 3:
-        raise ValueError("saved must be the (h_in, c_seq, gates) returned by "
-                         f"forward(..., training=True); received {saved!r}.")
+    N, T, H = check_backward(recurrent_kernel, mask, recurrent_mask, saved, d_outputs, d_h_n,
+                             d_c_n, contiguous=False)
     cache_floats = check_launch_options(block_size, lanes, units_per_block, cache_floats)
     stream = as_stream(stream)
     on_host = not is_device_array(d_outputs)
-    N, T, H = _sequence_shape(d_outputs, "d_outputs", 1)
+    if N == 0 or T == 0:
+        h_in, c_seq, gates = _host(saved, stream)
+        results = cpu.backward(
+            *_host((recurrent_kernel, mask, recurrent_mask), stream), activation,
+            recurrent_activation, zero_output_for_mask,
+            (np.zeros((N, T, H), np.float32) if h_in is None else h_in, c_seq, gates),
+            *_host((d_outputs, d_h_n, d_c_n), stream))
+        return _placed(results, on_host, stream)
     f32 = np.float32
     _, c_seq, gates = saved
     recurrent_kernel = to_device(recurrent_kernel, "recurrent_kernel", (H, 4 * H), f32, stream)
@@ -147,11 +165,13 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
     return to_host(results, stream) if on_host else results
 
 
-def _sequence_shape(array, name, gate_factor):
-    """`(N, T, H)` of a batch-major [N, T, gate_factor * H] array."""
-    shape = tuple(array.shape)
-    if len(shape) != 3 or shape[2] % gate_factor or shape[2] == 0:
-        expected = "[N, T, 4H]" if gate_factor == 4 else "[N, T, H]"
-        raise ValueError(
-            f"{name} must have shape {expected} with H >= 1; received {list(shape)}.")
-    return shape[0], shape[1], shape[2] // gate_factor
+def _host(arrays, stream):
+    """Contiguous NumPy arrays of `arrays` (device arrays copied back; None kept)."""
+    return tuple(None if a is None
+                 else device_view(a).copy_to_host(stream=stream) if is_device_array(a)
+                 else np.ascontiguousarray(a) for a in arrays)
+
+
+def _placed(arrays, on_host, stream):
+    """`arrays` as the caller's kind: NumPy when its inputs were, else device arrays."""
+    return tuple(arrays) if on_host else tuple(cuda.to_device(a, stream=stream) for a in arrays)
