@@ -9,7 +9,7 @@ from keras import ops
 
 from fusedlstm.backends import gpu_policy
 from fusedlstm import ops as fused_ops
-from fusedlstm.kernels.gates import ACTIVATION_CODES
+from fusedlstm.kernels.gates import ACTIVATION_CODES, SIGMOID, TANH
 from fusedlstm.kernels.select import KERNEL_ENV
 
 _USE_FUSED_VALUES = ("auto", True, False)
@@ -252,8 +252,8 @@ class LSTM(keras.layers.LSTM):
         cell = self.cell
         native = (
             mask is None and cell.use_bias
-            and (_activation_name(cell.activation), _activation_name(cell.recurrent_activation))
-            == ("tanh", "sigmoid")
+            and (_activation_code(cell.activation), _activation_code(cell.recurrent_activation))
+            == (TANH, SIGMOID)
             and keras.backend.standardize_dtype(sequences.dtype) == "float32"
             and not (training and (cell.dropout or cell.recurrent_dropout))
         )
@@ -445,13 +445,6 @@ def _activation_code(fn):
     except (ValueError, TypeError):
         return None
     return ACTIVATION_CODES.get(name) if isinstance(name, str) else None
-
-
-def _activation_name(fn):
-    try:
-        return activations.serialize(fn)
-    except (ValueError, TypeError):
-        return None
 
 
 def _jax_on_accelerator():

@@ -3,7 +3,7 @@
 The projection, the inputs' gradient and the weight gradients run as JAX ops
 (`fusedlstm.backends.projection`). The recurrence runs in one CPU custom call
 (`jax.ffi.ffi_call`), its backward pass in another; their handlers
-(`fusedlstm.xla_ffi`) hand XLA's buffers to the kernels' NumPy host drivers
+(`fusedlstm.backends.xla_ffi`) hand XLA's buffers to the kernels' NumPy host drivers
 (batch-major arrays, as Keras holds them). So the op runs inside `jax.jit`,
 `jax.grad`, `jax.vmap` (one call per batch element) and Keras's JAX trainer
 with XLA on. The forward call saves what the backward pass needs exactly when
@@ -204,7 +204,6 @@ def _zero_cotangents(masks):
             jnp.zeros_like(recurrent_mask))
 
 
-
 # ---------------------------------------------------------------------------
 # Export: what the layer traces while an artifact is being written.
 
@@ -251,8 +250,7 @@ def check_export_format():
             "model.export(format='openvino') cannot express an LSTM layer on the JAX "
             "backend (the stock keras.layers.LSTM fails there too: jax2tf without XLA "
             "ops cannot convert its loop). Export from the TensorFlow or PyTorch backend "
-            "instead (the same weights load there), or export with format='onnx' or "
-            "'tf_saved_model' and convert with openvino.convert_model.")
+            "instead: the same weights load there.")
 
 
 def export_unrolls_stock_loop(sequences):

@@ -214,7 +214,6 @@ def _to_tf(arrays, device):
     return outputs
 
 
-
 def _zeros_if_none(grad, like):
     return tf.zeros_like(like) if grad is None else grad
 
@@ -235,7 +234,7 @@ def _set_shapes(results, xw_shape, units):
 # ---------------------------------------------------------------------------
 # Export: what the layer traces while an artifact is being written.
 
-_KERAS_EXPORT_MODULES = "keras.src.export"
+_KERAS_EXPORT_MODULE = "keras.src.export"
 _LITERT_EXPORT_MODULE = "keras.src.export.litert"
 _OPENVINO_EXPORT_MODULE = "keras.src.export.openvino"
 
@@ -268,7 +267,7 @@ def tracing_for_export(sequences):
         return False
     from tensorflow.python.saved_model import save_context
 
-    return save_context.in_save_context() or module_on_stack(_KERAS_EXPORT_MODULES)
+    return save_context.in_save_context() or module_on_stack(_KERAS_EXPORT_MODULE)
 
 
 def check_export_format():

@@ -188,8 +188,6 @@ class _Blocks:
         self._lock = threading.Lock()
         self._finished = threading.Event()
         self._error = None
-        if not bounds:
-            self._finished.set()
 
     def work(self):
         while True:

@@ -166,9 +166,10 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
 
 
 def _host(arrays, stream):
-    """Contiguous NumPy arrays of `arrays` (device arrays copied back; None kept)."""
+    """Contiguous NumPy arrays of `arrays`: device arrays copied back once `stream` has
+    finished (`memory.to_host`), None kept."""
     return tuple(None if a is None
-                 else device_view(a).copy_to_host(stream=stream) if is_device_array(a)
+                 else to_host([device_view(a)], stream)[0] if is_device_array(a)
                  else np.ascontiguousarray(a) for a in arrays)
 
 
