@@ -254,8 +254,8 @@ def test_results_do_not_depend_on_how_rows_are_cut_into_blocks(dropped):
     N, T, C, H = 21, 5, 6, 37
     x, W, U, b, h0, c0 = random_problem(rng, N, T, C, H)
     mask = rng.random((N, T)) > 0.3
-    imask = (rng.random((4, N, C)) > 0.3).astype("float32") if dropped else np.zeros((0, N, C), "float32")
-    rmask = (rng.random((4, N, H)) > 0.3).astype("float32") if dropped else np.zeros((0, N, H), "float32")
+    imask, rmask = ((rng.random((4 if dropped else 0, N, K)) > 0.3).astype("float32")
+                    for K in (C, H))
     d_out = rng.normal(size=(N, T, H)).astype("float32")
     forward_block, backward_block = steps.block_kernels(gates.TANH, gates.SIGMOID)
     width = 4 * -(-H // panels.PANEL) * panels.PANEL

@@ -88,7 +88,8 @@ def backward(x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, acti
     Returns:
         `(d_x [N, T, C], d_kernel [C, 4H], d_recurrent_kernel [H, 4H], d_bias [4H],
         d_h0 [N, H], d_c0 [N, H])`. The weight gradients are summed over the
-        blocks of rows in a fixed order: the same inputs give the same bits.
+        blocks of rows in a fixed order: the same inputs and thread count give
+        the same bits.
 
     Raises:
         ValueError: an input's shape, dtype or layout does not match `x`'s and

@@ -16,7 +16,7 @@ loaded for another. Three tiles per target, largest first, so that a block of
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 
 from .tile import make_tile, vector_target
 
@@ -46,8 +46,16 @@ ACCUMULATING_TILES = tuple(make_tile(rows, VECTORS, unroll, accumulate=True)
 _tile_a, _tile_b, _tile_1 = TILES
 _add_a, _add_b, _add_1 = ACCUMULATING_TILES
 
+# One compiled signature each, shared by every kernel: a call with a constant
+# argument (an offset of 0, 4 groups) would otherwise compile a copy of its own
+# for that literal value, most of a second of first compile per copy.
+_index = types.intp
+_PRODUCTS_SIGNATURE = types.void(
+    types.float32[:, ::1], _index, _index, _index, _index, _index, types.float32[::1], _index,
+    _index, _index, _index, types.float32[:, ::1], _index, _index, _index)
 
-@njit(nogil=True, error_model="numpy", cache=True)
+
+@njit(_PRODUCTS_SIGNATURE, nogil=True, error_model="numpy", cache=True)
 def panel_products(a, a_off, a_group_off, lda, rows, depth, packed, b_group_off, b_panel_off,
                    p0, p1, c, c_group_off, ldc, groups):
     """`c[group, m, p] = a[group, m] @ packed[group, p]` for each group, panel p in [p0, p1)
@@ -77,7 +85,7 @@ def panel_products(a, a_off, a_group_off, lda, rows, depth, packed, b_group_off,
                 m += 1
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
+@njit(_PRODUCTS_SIGNATURE, nogil=True, error_model="numpy", cache=True)
 def panel_accumulate(a, a_off, a_group_off, lda, rows, depth, packed, b_group_off, b_panel_off,
                      p0, p1, c, c_group_off, ldc, groups):
     """`c[group, m, p] += a[group, m] @ packed[group, p]`: `panel_products` with the
@@ -130,7 +138,7 @@ def pack_backward(weights):
     return packed
 
 
-@njit(inline="always", error_model="numpy", cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def pack_gate_rows(src, m0, rows, packed):
     """Rows [m0, m0 + rows) of `src` [M, 4H] into `packed` [4, P, M, PANEL], the layout of
     `pack_forward` with the rows as K; the padding columns are left as they are (zero)."""

@@ -73,7 +73,7 @@ def chunk_steps(rows, width, T):
     return max(1, min(T, CHUNK_FLOATS // (rows * 4 * width)))
 
 
-@njit(inline="always", error_model="numpy", cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def _gather_rows(src, masks, r0, rows, t0, count, group_rows, dst):
     """`dst[g * group_rows + m] = src[r0 + n, t0 + s] * masks[g, r0 + n]` for the `count`
     chunk rows m = s * rows + n; one group, unmasked, when `masks` is [0, N, K]."""
@@ -90,7 +90,7 @@ def _gather_rows(src, masks, r0, rows, t0, count, group_rows, dst):
                     dst[g * group_rows + m, k] = src[row, t, k] * masks[g, row, k]
 
 
-@njit(inline="always", error_model="numpy", cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def _gather_columns(src, masks, r0, rows, t0, count, dst):
     """The transpose of `_gather_rows`: `dst[g * K + k, m] = src[r0 + n, t0 + s, k] *
     masks[g, r0 + n, k]`."""
@@ -107,7 +107,7 @@ def _gather_columns(src, masks, r0, rows, t0, count, dst):
                     dst[g * K + k, m] = src[row, t, k] * masks[g, row, k]
 
 
-@njit(inline="always", error_model="numpy", cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def project_inputs(inputs, count, group_rows, flat_kernel, p0, p1, xw):
     """`xw[m, gate g, panels p0..p1) = inputs[group g, m] @ kernel[:, gate g]` for the
     `count` rows of a chunk.
@@ -286,7 +286,7 @@ def _recurrent_grad_row(n, row, products, rows, recurrent_mask, dh):
                     + products[3 * rows + n, k] * recurrent_mask[3, row, k])
 
 
-@njit(inline="always", error_model="numpy", cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def input_gradients(d_xw, count, flat_kernel_t, p0, p1, products, input_mask, r0, rows, t0,
                     d_x):
     """`d_x` of a chunk's `count` rows: `sum_g (d_xw_g @ kernel_g^T) * input_mask[g]`, for
@@ -324,7 +324,7 @@ def input_gradients(d_xw, count, flat_kernel_t, p0, p1, products, input_mask, r0
                 d_x[row, t, k] = products[m, k]
 
 
-@njit(inline="always", error_model="numpy", cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def weight_gradients(x_t, h_t, count, packed_d, d_xw, p0, p1, d_kernel, d_recurrent_kernel,
                      d_bias):
     """Adds a chunk's `count` rows into the weight gradients of the panels [p0, p1).

@@ -13,7 +13,8 @@ root under qemu (`tests/platforms/aarch64_root.sh`), and under
 
 The kernels' forward and backward results at (N, T, H) = (1, 7, 3), (5, 9, 17)
 (masked, input and recurrent dropout) and (16, 20, 64) are compared with the
-float64 reference within the error model of `tests/parity.py` (`allowance`). Prints one line per result, then PASS or FAIL; the
+float64 reference within the error model of `tests/parity.py` (`allowance`).
+Prints one line per result, then PASS or FAIL; the
 exit status is 0 only on PASS. `--json` prints one JSON object instead.
 """
 
