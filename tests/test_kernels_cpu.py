@@ -233,8 +233,9 @@ def test_several_time_chunks_match_reference():
     N, C, H = 8, 7, 33
     width = -(-H // panels.PANEL) * panels.PANEL
     chunk = steps.CHUNK_FLOATS // (N * 4 * width)
-    T = 2 * chunk + chunk // 2 + 1
-    assert 1 < chunk < T
+    backward_chunk = max(chunk, -(-steps.WEIGHT_GRADIENT_DEPTH // N))
+    T = 2 * backward_chunk + chunk // 2 + 1
+    assert 1 < chunk < T and 1 < backward_chunk < T // 2
     assert_matches_reference(N, T, C, H, np.random.default_rng(5).random((N, T)) > 0.2, True)
 
 

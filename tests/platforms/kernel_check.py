@@ -114,7 +114,8 @@ def kernel_errors(N, T, H, masked, seed=1, C=4):
 
 def tile_assembly():
     """What the register tiles compile to on this target, in the function that runs
-    them (`panels.panel_products`) and alone (one function per tile shape).
+    them (`panels.panel_products`) and alone (one function per tile shape, storing
+    and accumulating).
 
     Returns a dict: `fma` multiply-adds by register class (x86 "x", "y", "z";
     AArch64 "v"), `fmaf_calls` (libm calls), `mul_add` separate vector
@@ -136,12 +137,13 @@ def tile_assembly():
     if not np.all(c == depth):
         raise AssertionError("panel_products computed a wrong product")
     listings["panel_products"] = "\n".join(products.inspect_asm().values())
-    for (rows, unroll), tile in zip(panels.TILE_SHAPES, panels.TILES):
-        function = _tile_function(njit, tile)
-        function(np.ones((rows, depth), "float32"), np.ones(depth * width, "float32"),
-                 np.empty((rows, width), "float32"))
-        listings[f"tile_{rows}x{panels.VECTORS}x{unroll}"] = "\n".join(
-            function.inspect_asm().values())
+    for tiles, kind in ((panels.TILES, ""), (panels.ACCUMULATING_TILES, "_accumulating")):
+        for (rows, unroll), tile in zip(panels.TILE_SHAPES, tiles):
+            function = _tile_function(njit, tile)
+            function(np.ones((rows, depth), "float32"), np.ones(depth * width, "float32"),
+                     np.zeros((rows, width), "float32"))
+            listings[f"tile_{rows}x{panels.VECTORS}x{unroll}{kind}"] = "\n".join(
+                function.inspect_asm().values())
     return {name: _assembly_counts(asm) for name, asm in listings.items()}
 
 
