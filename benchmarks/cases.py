@@ -36,7 +36,8 @@ def problem(shape, case):
 
 class KernelProblem:
     """The fused CPU kernels' host drivers at one shape, on NumPy arrays, batch-major
-    (no mask, tanh and sigmoid), with what the backward calls need already saved.
+    (no mask, tanh and sigmoid), with what the backward calls need already saved: the
+    whole layer, the input projection and the weight gradients included.
 
     The forward outputs are checked against the float64 reference first.
     """
@@ -49,7 +50,6 @@ class KernelProblem:
         self.cpu = cpu
         self.x = x
         self.kernel, self.recurrent_kernel, self.bias = kernel, recurrent_kernel, bias
-        self.xw = self.x @ kernel + bias
         N, T, _ = self.x.shape
         H = recurrent_kernel.shape[0]
         self.zeros = np.zeros((N, H), np.float32)
@@ -59,12 +59,14 @@ class KernelProblem:
         self.d_outputs = 2 * self.outputs
 
     def forward(self, training):
-        return self.cpu.forward(self.xw, self.recurrent_kernel, self.zeros, self.zeros, None,
-                                None, *self.codes, False, training)
+        return self.cpu.forward(self.x, self.kernel, self.bias, self.recurrent_kernel,
+                                self.zeros, self.zeros, None, None, None, *self.codes, False,
+                                training)
 
     def backward(self):
-        return self.cpu.backward(self.recurrent_kernel, None, None, *self.codes, False,
-                                 self.saved, self.d_outputs, self.zeros, self.zeros)
+        return self.cpu.backward(self.x, self.kernel, self.recurrent_kernel, None, None, None,
+                                 *self.codes, False, self.saved, self.d_outputs, self.zeros,
+                                 self.zeros)
 
 
 def make_keras(layer_class, shape, mode, case):

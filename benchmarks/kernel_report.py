@@ -17,7 +17,9 @@ import machine
 from suite import machine_facts, run_suite, runner_arguments
 
 GEMM_TARGET = 1.3
-GEMMS_BY_MODE = {"fwd": ("forward",), "train": ("forward", "backward_dh")}
+GEMMS = ("projection", "forward", "backward_dh", "backward_dx", "weight_grads")
+GEMMS_BY_MODE = {"fwd": ("projection", "forward"),
+                 "train": ("projection", "forward", "backward_dh", "backward_dx", "weight_grads")}
 
 
 def medians_ms(run):
@@ -35,17 +37,14 @@ def breakdown_rows(run):
         def get(mode, name):
             return p.get((mode, name))
 
-        fwd = {"layer": get("fwd", "layer"), "projection": get("fwd", "projection"),
-               "recurrence": get("fwd", "recurrence"), "cell_math": get("fwd", "cell_math")}
-        fwd["glue"] = _minus(fwd["layer"], fwd["projection"], fwd["recurrence"])
-        train = {"layer": get("train", "layer"), "projection": get("fwd", "projection"),
-                 "recurrence": get("train", "recurrence"),
+        fwd = {"layer": get("fwd", "layer"), "forward": get("fwd", "forward"),
+               "cell_math": get("fwd", "cell_math")}
+        fwd["glue"] = _minus(fwd["layer"], fwd["forward"])
+        train = {"layer": get("train", "layer"), "forward": get("train", "forward"),
                  "cell_math": _plus(get("fwd", "cell_math"),
                                     get("train", "cell_math_backward")),
-                 "backward": get("train", "backward"),
-                 "weight_grads": get("train", "weight_grads")}
-        train["glue"] = _minus(train["layer"], train["projection"], train["recurrence"],
-                               train["backward"], train["weight_grads"])
+                 "backward": get("train", "backward")}
+        train["glue"] = _minus(train["layer"], train["forward"], train["backward"])
         rows += [(shape, "fwd", fwd), (shape, "train", train)]
     return rows
 
@@ -60,14 +59,14 @@ def _plus(*parts):
     return None if any(p is None for p in parts) else sum(parts)
 
 
-BREAKDOWN_COLUMNS = ("layer", "projection", "recurrence", "cell_math", "backward",
-                     "weight_grads", "glue")
+BREAKDOWN_COLUMNS = ("layer", "forward", "cell_math", "backward", "glue")
 
 
 def breakdown_markdown(rows):
-    lines = ["Median ms. The layer's time = projection + recurrence (+ backward + weight "
-             "gradients when training) + glue; cell math is part of the "
-             "recurrences (timed alone, one thread).", "",
+    lines = ["Median ms. The layer's time = forward kernel (the input projection "
+             "included) (+ backward kernel, the input and weight gradients included, when "
+             "training) + glue; cell math is part of the kernels (timed alone, one "
+             "thread).", "",
              "| shape | mode | " + " | ".join(BREAKDOWN_COLUMNS) + " |",
              "|---|---|" + "---|" * len(BREAKDOWN_COLUMNS)]
     for shape, mode, row in rows:
@@ -100,18 +99,20 @@ def fastest_gemm(per_library, mode):
 
 
 def gemm_markdown(gemms, kernels):
-    lines = ["Median ms (GFLOP/s) of the GEMMs the recurrence needs, per library and thread "
-             "count: `forward` = T x [N, H] @ [H, 4H]; `backward_dh` = T x [N, 4H] @ [4H, H]; "
+    lines = ["Median ms (GFLOP/s) of the GEMMs the layer needs, per library and thread "
+             "count: `projection` = [N*T, C] @ [C, 4H]; `forward` = T x [N, H] @ [H, 4H]; "
+             "`backward_dh` = T x [N, 4H] @ [4H, H]; `backward_dx` = [N*T, 4H] @ [4H, C]; "
              "`weight_grads` = [C + H, T*N] @ [T*N, 4H].", "",
-             "| shape | library | threads | forward | backward_dh | weight_grads |",
-             "|---|---|---|---|---|---|"]
+             "| shape | library | threads | " + " | ".join(GEMMS) + " |",
+             "|---|---|---|" + "---|" * len(GEMMS)]
     for shape, per_library in sorted(gemms.items()):
         for (library, threads), g in sorted(per_library.items()):
             cells = [f"{g[n][0]:.3f} ({g[n][1]:.0f})" if n in g else "-"
-                     for n in ("forward", "backward_dh", "weight_grads")]
+                     for n in GEMMS]
             lines.append(f"| {shape} | {library} | {threads} | " + " | ".join(cells) + " |")
     lines += ["", "The kernels' own time (fwd: `forward`; train: `forward` with saving + "
-              f"`backward`) over the fastest library's time for the same GEMMs "
+              f"`backward`) over the fastest library's time for the same GEMMs (fwd: "
+              f"{', '.join(GEMMS_BY_MODE['fwd'])}; train: all) "
               f"(target <= {GEMM_TARGET}x at S2 and S3).", "",
               "| shape | mode | kernel threads | kernel ms | fastest GEMMs ms | library, threads "
               "| kernel / fastest | target |",

@@ -1,14 +1,11 @@
 """Where the fused layer's CPU time goes, per shape: the layer itself and each part
 of it timed alone, in one process (`--framework fusedlstm`, TensorFlow).
 
-Parts: the input projection (a TF matmul), the forward recurrence
-(`fusedlstm.kernels.cpu.forward`, without and with saving for training), the
-cell math alone (the kernels' own row functions over every row and step, one
-thread), the backward recurrence (`backward`) and the weight gradients (the TF
-matmuls of `fusedlstm.backends.projection.gate_weight_grad`). `kernel_report.py`
-subtracts: framework glue = the layer - its parts. (The
-inputs' gradient is not part of the training step timed: its inputs are
-constants, and TensorFlow prunes what no fetched result needs.)
+Parts: the forward kernel (`fusedlstm.kernels.cpu.forward`, the input
+projection included, without and with saving for training), the backward kernel
+(`backward`: the input and weight gradients included), and the cell math alone
+(the kernels' own row functions over every row and step, one thread).
+`kernel_report.py` subtracts: framework glue = the layer - its kernels.
 """
 
 import functools
@@ -46,60 +43,33 @@ def test_layer(benchmark, problem, mode):
          cases.make_keras(fusedlstm.LSTM, cases.SHAPES[shape], mode, "plain"))
 
 
-def test_projection(benchmark, problem):
-    import tensorflow as tf
-
-    from fusedlstm.backends import projection
-
-    shape, p = problem
-    x, kernel, bias = (tf.constant(a) for a in (p.x, p.kernel, p.bias))
-    project = tf.function(lambda: projection.input_projection(x, kernel, bias, None))
-    part(benchmark, shape, "fwd", "projection", lambda: project().numpy())
-
-
 @pytest.mark.parametrize("mode", cases.MODES)
-def test_recurrence(benchmark, problem, mode):
+def test_forward_kernel(benchmark, problem, mode):
     shape, p = problem
-    part(benchmark, shape, mode, "recurrence", lambda: p.forward(training=mode == "train"))
+    part(benchmark, shape, mode, "forward", lambda: p.forward(training=mode == "train"))
 
 
-def test_backward_recurrence(benchmark, problem):
+def test_backward_kernel(benchmark, problem):
     shape, p = problem
     part(benchmark, shape, "train", "backward", p.backward)
-
-
-def test_weight_gradients(benchmark, problem):
-    import tensorflow as tf
-
-    from fusedlstm.backends import projection
-
-    shape, p = problem
-    d_xw = p.backward()[0]
-    x, h_in, d_xw = (tf.constant(a) for a in (p.x, p.saved[0], d_xw))
-
-    @tf.function
-    def weight_grads():
-        return (projection.gate_weight_grad(x, d_xw, None),
-                projection.gate_weight_grad(h_in, d_xw, None), tf.reduce_sum(d_xw, [0, 1]))
-
-    part(benchmark, shape, "train", "weight_grads", lambda: [g.numpy() for g in weight_grads()])
 
 
 def test_cell_math(benchmark, problem):
     shape, p = problem
     N, T, H = p.outputs.shape
-    width = -(-H // 32) * 32
-    z = np.zeros((N, 4 * width), np.float32)
+    xw = np.zeros((N * T, 4 * H), np.float32)
+    z, bias = np.zeros((N, 4 * H), np.float32), np.zeros(4 * H, np.float32)
     out, h, gates = np.empty_like(p.outputs), np.empty((N, H), np.float32), np.empty((N, 0, 4 * H), np.float32)
     forward, _ = cell_math_loops(*p.codes)
     part(benchmark, shape, "fwd", "cell_math",
-         lambda: forward(p.xw, z, p.zeros.copy(), h, out, gates))
+         lambda: forward(xw, bias, z, p.zeros.copy(), h, out, gates))
 
 
 def test_cell_math_backward(benchmark, problem):
     shape, p = problem
     _, c_seq, gates = p.saved
-    d_xw = np.empty_like(gates)
+    N, T, H = p.outputs.shape
+    d_xw = np.empty((N * T, 4 * H), np.float32)
     carried, dh = np.zeros_like(p.zeros), np.zeros_like(p.zeros)
     _, backward = cell_math_loops(*p.codes)
     part(benchmark, shape, "train", "cell_math_backward",
@@ -113,27 +83,29 @@ def cell_math_loops(activation, recurrent_activation):
 
     Built on first use, so that collecting this file imports no framework.
     """
-    from fusedlstm.kernels import cpu
+    from fusedlstm.kernels.cpu import steps
 
-    cell_forward, cell_backward = cpu._cell_row_forward, cpu._cell_row_backward
+    cell_forward, cell_backward = steps._cell_row_forward, steps._cell_row_backward
 
     @numba.njit(error_model="numpy")
-    def forward(xw, z, c, h, outputs, gates):
-        """Forward cell math of all [N, T] rows and steps, pre-activations `xw` (+ z = 0)."""
-        N, T, _ = xw.shape
+    def forward(xw, bias, z, c, h, outputs, gates):
+        """Forward cell math of all [N, T] rows and steps, pre-activations `xw` [N*T, 4H]
+        (+ z = 0 + bias)."""
+        N, T, _ = outputs.shape
         width = z.shape[1] // 4
         for t in range(T):
             for n in range(N):
-                cell_forward(xw, n, t, z, n, width, c, h, outputs, gates, activation,
-                             recurrent_activation)
+                cell_forward(xw, n * T + t, bias, z, n, width, c, h, n, t, outputs, gates,
+                             activation, recurrent_activation)
 
     @numba.njit(error_model="numpy")
     def backward(gates, c_seq, d_outputs, carried, dh, dc, d_xw):
-        """Backward cell math of all [N, T] rows and steps, in reverse time."""
+        """Backward cell math of all [N, T] rows and steps, in reverse time, into d_xw
+        [N*T, 4H]."""
         N, T, _ = d_outputs.shape
         for t in range(T - 1, -1, -1):
             for n in range(N):
-                cell_backward(n, t, n, gates, c_seq, d_outputs, carried, dh, dc, d_xw,
-                              activation, recurrent_activation)
+                cell_backward(n, t, n, n * T + t, gates, c_seq, d_outputs, carried, dh, dc,
+                              d_xw, activation, recurrent_activation)
 
     return forward, backward

@@ -7,6 +7,13 @@ against the sequence shape before it launches anything:
     N, T, H = check_forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask)
     N, T, H = check_backward(recurrent_kernel, mask, recurrent_mask, saved,
                              d_outputs, d_h_n, d_c_n)
+    N, T, C, H = check_layer_forward(x, kernel, bias, recurrent_kernel, h0, c0, mask,
+                                     input_mask, recurrent_mask)
+    N, T, C, H = check_layer_backward(x, kernel, recurrent_kernel, mask, input_mask,
+                                      recurrent_mask, saved, d_outputs, d_h_n, d_c_n)
+
+The first two check the CUDA drivers' inputs (the projection `xw` computed by
+the framework), the last two the CPU drivers' (the inputs `x` and the weights).
 
 Each raises a `ValueError` naming the argument, what was expected and what was
 received. The arrays may be NumPy arrays or device arrays (anything with
@@ -18,7 +25,7 @@ anyway. NumPy only: this module imports no framework and no Numba.
 
 import numpy as np
 
-__all__ = ["check_backward", "check_forward"]
+__all__ = ["check_backward", "check_forward", "check_layer_backward", "check_layer_forward"]
 
 
 def check_forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, contiguous=True):
@@ -60,18 +67,96 @@ def check_backward(recurrent_kernel, mask, recurrent_mask, saved, d_outputs, d_h
     _check("d_c_n", d_c_n, (N, H), "[N, H]", "float32", dims, contiguous)
     _check("recurrent_kernel", recurrent_kernel, (H, 4 * H), "[H, 4H]", "float32", dims,
            contiguous)
-    if not isinstance(saved, (tuple, list)) or len(saved) != 3:
-        raise ValueError(
-            "Expected `saved` to be the (h_in, c_seq, gates) returned by "
-            f"forward(..., training=True). Received: {type(saved).__name__} "
-            f"of length {len(saved) if hasattr(saved, '__len__') else 'unknown'}")
-    h_in, c_seq, gates = saved
+    h_in, c_seq, gates = _saved(saved)
     if h_in is not None:
         _check("saved h_in", h_in, (N, T, H), "[N, T, H]", "float32", dims, contiguous)
     _check("saved c_seq", c_seq, (N, T + 1, H), "[N, T+1, H]", "float32", dims, contiguous)
     _check("saved gates", gates, (N, T, 4 * H), "[N, T, 4H]", "float32", dims, contiguous)
     _check_masks(mask, recurrent_mask, N, T, H, dims, contiguous)
     return N, T, H
+
+
+def check_layer_forward(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
+                        recurrent_mask, contiguous=True):
+    """Checks the inputs of the forward drivers that own the projection; returns
+    `(N, T, C, H)`.
+
+    Expected: `x` [N, T, C] float32 (C >= 1), `recurrent_kernel` [H, 4H] (H >= 1),
+    `kernel` [C, 4H], `bias` [4H], `h0` and `c0` [N, H] float32, `mask` [N, T]
+    bool or None, `input_mask` [4, N, C] and `recurrent_mask` [4, N, H] float32
+    or None.
+
+    Raises:
+        ValueError: naming the first argument that does not match.
+    """
+    N, T, C, H, dims = _layer_shape(x, recurrent_kernel, contiguous)
+    _check("kernel", kernel, (C, 4 * H), "[C, 4H]", "float32", dims, contiguous)
+    _check("bias", bias, (4 * H,), "[4H]", "float32", dims, contiguous)
+    _check("h0", h0, (N, H), "[N, H]", "float32", dims, contiguous)
+    _check("c0", c0, (N, H), "[N, H]", "float32", dims, contiguous)
+    _check_masks(mask, recurrent_mask, N, T, H, dims, contiguous)
+    _check_input_mask(input_mask, N, C, dims, contiguous)
+    return N, T, C, H
+
+
+def check_layer_backward(x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, saved,
+                         d_outputs, d_h_n, d_c_n, contiguous=True):
+    """Checks the inputs of the backward drivers that own the weight gradients; returns
+    `(N, T, C, H)`.
+
+    Expected: `x`, `kernel`, `recurrent_kernel` and the masks as for
+    `check_layer_forward`; `saved = (h_in, c_seq, gates)` as returned by
+    `forward(..., training=True)`: `h_in` [N, T, H], `c_seq` [N, T+1, H], `gates`
+    [N, T, 4H]; `d_outputs` [N, T, H], `d_h_n` and `d_c_n` [N, H] float32.
+
+    Raises:
+        ValueError: naming the first argument that does not match.
+    """
+    N, T, C, H, dims = _layer_shape(x, recurrent_kernel, contiguous)
+    _check("kernel", kernel, (C, 4 * H), "[C, 4H]", "float32", dims, contiguous)
+    _check("d_outputs", d_outputs, (N, T, H), "[N, T, H]", "float32", dims, contiguous)
+    _check("d_h_n", d_h_n, (N, H), "[N, H]", "float32", dims, contiguous)
+    _check("d_c_n", d_c_n, (N, H), "[N, H]", "float32", dims, contiguous)
+    h_in, c_seq, gates = _saved(saved)
+    _check("saved h_in", h_in, (N, T, H), "[N, T, H]", "float32", dims, contiguous)
+    _check("saved c_seq", c_seq, (N, T + 1, H), "[N, T+1, H]", "float32", dims, contiguous)
+    _check("saved gates", gates, (N, T, 4 * H), "[N, T, 4H]", "float32", dims, contiguous)
+    _check_masks(mask, recurrent_mask, N, T, H, dims, contiguous)
+    _check_input_mask(input_mask, N, C, dims, contiguous)
+    return N, T, C, H
+
+
+def _layer_shape(x, recurrent_kernel, contiguous):
+    """`(N, T, C, H, dims)` from `x` [N, T, C] and `recurrent_kernel` [H, 4H]."""
+    shape = _shape(x)
+    if len(shape) != 3 or shape[2] == 0:
+        raise ValueError(
+            f"Expected `x` of shape [N, T, C] with C >= 1. Received: x.shape={shape}")
+    _check_dtype_and_layout("x", x, "float32", contiguous)
+    N, T, C = shape
+    rk_shape = _shape(recurrent_kernel)
+    if len(rk_shape) != 2 or rk_shape[0] == 0 or rk_shape[1] != 4 * rk_shape[0]:
+        raise ValueError(
+            "Expected `recurrent_kernel` of shape [H, 4H] with H >= 1. Received: "
+            f"recurrent_kernel.shape={rk_shape}")
+    _check_dtype_and_layout("recurrent_kernel", recurrent_kernel, "float32", contiguous)
+    H = rk_shape[0]
+    dims = f"N={N}, T={T}, C={C} from x.shape={shape}, H={H} from recurrent_kernel.shape={rk_shape}"
+    return N, T, C, H, dims
+
+
+def _saved(saved):
+    if not isinstance(saved, (tuple, list)) or len(saved) != 3:
+        raise ValueError(
+            "Expected `saved` to be the (h_in, c_seq, gates) returned by "
+            f"forward(..., training=True). Received: {type(saved).__name__} "
+            f"of length {len(saved) if hasattr(saved, '__len__') else 'unknown'}")
+    return saved
+
+
+def _check_input_mask(input_mask, N, C, dims, contiguous):
+    if input_mask is not None:
+        _check("input_mask", input_mask, (4, N, C), "[4, N, C]", "float32", dims, contiguous)
 
 
 def _check_masks(mask, recurrent_mask, N, T, H, dims, contiguous):

@@ -15,24 +15,36 @@ from fusedlstm.kernels.gates import SIGMOID, TANH
 
 BACKEND_INDEPENDENT = True  # see conftest.py
 
-N, T, H = 5, 4, 3
+N, T, C, H = 5, 4, 2, 3
 # Enough work for two blocks of 16 rows (`threads.block_bounds`), so two threads share it.
 BIG = (32, 16, 64)
 
 
-def problem(n=N, t=T, h=H, seed=0):
+def problem(n=N, t=T, h=H, seed=0, c=C):
     rng = np.random.default_rng(seed)
-    return {"xw": rng.standard_normal((n, t, 4 * h)).astype("float32"),
+    return {"x": rng.standard_normal((n, t, c)).astype("float32"),
+            "kernel": rng.normal(0, 0.3, (c, 4 * h)).astype("float32"),
+            "bias": rng.normal(0, 0.3, 4 * h).astype("float32"),
             "recurrent_kernel": rng.normal(0, 0.3, (h, 4 * h)).astype("float32"),
             "h0": rng.standard_normal((n, h)).astype("float32"),
             "c0": rng.standard_normal((n, h)).astype("float32"),
             "mask": rng.random((n, t)) > 0.3,
+            "input_mask": (rng.random((4, n, c)) > 0.3).astype("float32"),
             "recurrent_mask": (rng.random((4, n, h)) > 0.3).astype("float32")}
 
 
+FORWARD_INPUTS = ("x", "kernel", "bias", "recurrent_kernel", "h0", "c0", "mask", "input_mask",
+                  "recurrent_mask")
+
+
 def forward(p, training=False):
-    return cpu.forward(p["xw"], p["recurrent_kernel"], p["h0"], p["c0"], p["mask"],
-                       p["recurrent_mask"], TANH, SIGMOID, False, training)
+    return cpu.forward(*(p[k] for k in FORWARD_INPUTS), TANH, SIGMOID, False, training)
+
+
+def backward(p, saved, d_outputs, d_h_n, d_c_n):
+    return cpu.backward(p["x"], p["kernel"], p["recurrent_kernel"], p["mask"], p["input_mask"],
+                        p["recurrent_mask"], TANH, SIGMOID, False, saved, d_outputs, d_h_n,
+                        d_c_n)
 
 
 @pytest.fixture
@@ -56,11 +68,20 @@ def bad(value):
 
 # name: (argument, how to spoil it, what the error says)
 BAD_FORWARD = {
-    "xw_rank": ("xw", lambda a: a[0], r"`xw` of shape \[N, T, 4H\].*Received: xw.shape=\(4, 12\)"),
-    "xw_not_4h": ("xw", lambda a: a[..., :-1], r"`xw`.*Received: xw.shape=\(5, 4, 11\)"),
-    "kernel_units": ("recurrent_kernel", bad(np.zeros((4, 12), "float32")),
-                     r"`recurrent_kernel` of shape \[H, 4H\] = \(3, 12\).*Received: "
-                     r"recurrent_kernel.shape=\(4, 12\)"),
+    "x_rank": ("x", lambda a: a[0], r"`x` of shape \[N, T, C\].*Received: x.shape=\(4, 2\)"),
+    "x_no_features": ("x", lambda a: a[..., :0], r"`x`.*C >= 1.*Received: x.shape=\(5, 4, 0\)"),
+    "recurrent_kernel_not_4h": ("recurrent_kernel", bad(np.zeros((4, 12), "float32")),
+                                r"`recurrent_kernel` of shape \[H, 4H\].*Received: "
+                                r"recurrent_kernel.shape=\(4, 12\)"),
+    "kernel_features": ("kernel", lambda a: a[:-1],
+                        r"`kernel` of shape \[C, 4H\] = \(2, 12\).*Received: "
+                        r"kernel.shape=\(1, 12\)"),
+    "kernel_units": ("kernel", lambda a: a[:, :-4], r"`kernel`.*= \(2, 12\).*\(2, 8\)"),
+    "bias_units": ("bias", lambda a: a[:-1], r"`bias` of shape \[4H\] = \(12,\).*\(11,\)"),
+    "bias_dtype": ("bias", lambda a: a.astype("float64"), r"`bias` of dtype float32.*float64"),
+    "input_mask_features": ("input_mask", lambda a: a[..., :-1],
+                            r"`input_mask` of shape \[4, N, C\] = \(4, 5, 2\).*\(4, 5, 1\)"),
+    "input_mask_gates": ("input_mask", lambda a: a[:1], r"`input_mask`.*\(4, 5, 2\).*\(1, 5, 2\)"),
     "h0_rows": ("h0", lambda a: a[:-1], r"`h0` of shape \[N, H\] = \(5, 3\).*\(4, 3\)"),
     "c0_units": ("c0", bad(np.zeros((5, 4), "float32")), r"`c0`.*= \(5, 3\).*\(5, 4\)"),
     "mask_rows": ("mask", lambda a: a[:-1], r"`mask` of shape \[N, T\] = \(5, 4\).*\(4, 4\)"),
@@ -71,7 +92,8 @@ BAD_FORWARD = {
     "h0_dtype": ("h0", lambda a: a.astype("float64"), r"`h0` of dtype float32.*float64"),
     "h0_strided": ("h0", lambda a: np.repeat(a, 2, axis=1)[:, ::2],
                    r"`h0` to be C-contiguous.*strides"),
-    "xw_fortran": ("xw", np.asfortranarray, r"`xw` to be C-contiguous"),
+    "x_fortran": ("x", np.asfortranarray, r"`x` to be C-contiguous"),
+    "kernel_fortran": ("kernel", np.asfortranarray, r"`kernel` to be C-contiguous"),
 }
 
 
@@ -84,15 +106,24 @@ def test_forward_names_the_bad_input(case):
         forward(p)
 
 
+# name: (argument of `backward`, how to spoil it, what the error says)
 BAD_BACKWARD = {
-    "d_outputs_rank": (5, lambda a: a[0], r"`d_outputs` of shape \[N, T, H\]"),
-    "d_h_n_rows": (6, lambda a: a[:-1], r"`d_h_n` of shape \[N, H\] = \(5, 3\).*\(4, 3\)"),
-    "d_c_n_dtype": (7, lambda a: a.astype("float64"), r"`d_c_n` of dtype float32"),
+    "d_outputs_rank": ("d_outputs", lambda a: a[0], r"`d_outputs` of shape \[N, T, H\]"),
+    "d_h_n_rows": ("d_h_n", lambda a: a[:-1], r"`d_h_n` of shape \[N, H\] = \(5, 3\).*\(4, 3\)"),
+    "d_c_n_dtype": ("d_c_n", lambda a: a.astype("float64"), r"`d_c_n` of dtype float32"),
+    "h_in_steps": ("h_in", lambda a: a[:, :-1], r"`saved h_in` of shape \[N, T, H\] = "
+                                                r"\(5, 4, 3\).*\(5, 3, 3\)"),
     "c_seq_steps": ("c_seq", lambda a: a[:, :-1], r"`saved c_seq` of shape \[N, T\+1, H\] = "
                                                    r"\(5, 5, 3\).*\(5, 4, 3\)"),
     "gates_rows": ("gates", lambda a: a[:-1], r"`saved gates`.*\(5, 4, 12\).*\(4, 4, 12\)"),
-    "mask_rows": (1, lambda a: a[:-1], r"`mask`.*\(5, 4\).*\(4, 4\)"),
-    "kernel_units": (0, lambda a: a[:, :-4], r"`recurrent_kernel`.*\(3, 12\).*\(3, 8\)"),
+    "mask_rows": ("mask", lambda a: a[:-1], r"`mask`.*\(5, 4\).*\(4, 4\)"),
+    "x_steps": ("x", lambda a: np.ascontiguousarray(a[:, :-1]),
+                r"`d_outputs`.*\(5, 3, 3\).*\(5, 4, 3\)"),
+    "kernel_units": ("kernel", lambda a: a[:, :-4], r"`kernel`.*\(2, 12\).*\(2, 8\)"),
+    "recurrent_kernel_units": ("recurrent_kernel", lambda a: a[:, :-4],
+                               r"`recurrent_kernel` of shape \[H, 4H\].*\(3, 8\)"),
+    "input_mask_rows": ("input_mask", lambda a: a[:, :-1],
+                        r"`input_mask`.*\(4, 5, 2\).*\(4, 4, 2\)"),
 }
 
 
@@ -100,24 +131,22 @@ BAD_BACKWARD = {
 def test_backward_names_the_bad_input(case):
     p = problem()
     outputs, h_n, c_n, saved = forward(p, training=True)
-    args = [p["recurrent_kernel"], p["mask"], p["recurrent_mask"], TANH, SIGMOID, False,
-            saved, outputs, h_n, c_n]
+    grads = {"d_outputs": outputs, "d_h_n": h_n, "d_c_n": c_n}
     where, spoil, message = BAD_BACKWARD[case]
-    if isinstance(where, str):
-        saved = list(saved)
-        index = {"h_in": 0, "c_seq": 1, "gates": 2}[where]
-        saved[index] = spoil(saved[index])
-        args[6] = tuple(saved)
-    else:
-        args[where if where < 3 else where + 2] = spoil(args[where if where < 3 else where + 2])
+    saved = dict(zip(("h_in", "c_seq", "gates"), saved))
+    for values in (p, saved, grads):
+        if where in values:
+            values[where] = spoil(values[where])
     with pytest.raises(ValueError, match=message):
-        cpu.backward(*args)
+        backward(p, tuple(saved.values()), *grads.values())
 
 
 def test_checks_return_the_sequence_shape_and_read_device_style_arrays():
     p = problem()
+    p["xw"] = np.zeros((N, T, 4 * H), "float32")
     assert checks.check_forward(p["xw"], p["recurrent_kernel"], p["h0"], p["c0"], None,
                                 None) == (N, T, H)
+    assert checks.check_layer_forward(*(p[k] for k in FORWARD_INPUTS)) == (N, T, C, H)
 
     class DeviceArray:  # what the CUDA drivers hand over: no NumPy flags
         def __init__(self, array, strides=None):
@@ -150,10 +179,12 @@ def test_empty_batch_returns_empty_results(training, two_threads):
     assert outputs.shape == (0, T, H) and h_n.shape == c_n.shape == (0, H)
     if training:
         assert [s.shape for s in saved] == [(0, T, H), (0, T + 1, H), (0, T, 4 * H)]
-        d_xw, d_h0, d_c0 = run_with_timeout(lambda: cpu.backward(
-            p["recurrent_kernel"], p["mask"], p["recurrent_mask"], TANH, SIGMOID, False, saved,
-            outputs, h_n, c_n))
-        assert d_xw.shape == (0, T, 4 * H) and d_h0.shape == d_c0.shape == (0, H)
+        d_x, d_kernel, d_recurrent_kernel, d_bias, d_h0, d_c0 = run_with_timeout(
+            lambda: backward(p, saved, outputs, h_n, c_n))
+        assert d_x.shape == (0, T, C) and d_h0.shape == d_c0.shape == (0, H)
+        for got, weight in ((d_kernel, "kernel"), (d_recurrent_kernel, "recurrent_kernel"),
+                            (d_bias, "bias")):
+            np.testing.assert_array_equal(got, np.zeros_like(p[weight]))
 
 
 def test_run_blocks_with_no_rows_returns(two_threads):
@@ -170,9 +201,11 @@ def test_empty_sequence_keeps_the_initial_state():
     np.testing.assert_array_equal(c_n, p["c0"])
     np.testing.assert_array_equal(saved[1][:, 0], p["c0"])
     d_h, d_c = np.ones((N, H), "float32"), np.full((N, H), 2, "float32")
-    d_xw, d_h0, d_c0 = cpu.backward(p["recurrent_kernel"], p["mask"], p["recurrent_mask"], TANH,
-                                    SIGMOID, False, saved, outputs, d_h, d_c)
-    assert d_xw.shape == (N, 0, 4 * H)
+    d_x, d_kernel, d_recurrent_kernel, d_bias, d_h0, d_c0 = backward(p, saved, outputs, d_h, d_c)
+    assert d_x.shape == (N, 0, C)
+    for got, weight in ((d_kernel, "kernel"), (d_recurrent_kernel, "recurrent_kernel"),
+                        (d_bias, "bias")):
+        np.testing.assert_array_equal(got, np.zeros_like(p[weight]))
     np.testing.assert_array_equal(d_h0, d_h)
     np.testing.assert_array_equal(d_c0, d_c)
 
@@ -258,9 +291,10 @@ from fusedlstm.kernels.cpu import threads
 from fusedlstm.kernels.gates import SIGMOID, TANH
 rng = np.random.default_rng(0)
 n, t, h = BIG
-p = [rng.standard_normal((n, t, 4 * h)).astype("float32"),
+p = [rng.standard_normal((n, t, 8)).astype("float32"),
+     rng.normal(0, 0.3, (8, 4 * h)).astype("float32"), np.zeros(4 * h, "float32"),
      rng.normal(0, 0.3, (h, 4 * h)).astype("float32"),
-     np.zeros((n, h), "float32"), np.zeros((n, h), "float32"), None, None]
+     np.zeros((n, h), "float32"), np.zeros((n, h), "float32"), None, None, None]
 def forward(training=False):
     return cpu.forward(*p, TANH, SIGMOID, False, training)
 threads.set_thread_count(2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import parity
-from fusedlstm.kernels import cpu
+from fusedlstm.testing import projected
 from fusedlstm.kernels.gates import ACTIVATION_CODES
 
 SIZE_IDS = {"ids": lambda s: "N%d-T%d-C%d-H%d" % s}
@@ -83,11 +83,11 @@ def kernel_weight_gradients(case):
     H = recurrent_kernel.shape[0]
     zeros = np.zeros((N, H), np.float32)
     codes = ACTIVATION_CODES["tanh"], ACTIVATION_CODES["sigmoid"]
-    _, _, _, saved = cpu.forward(case.x @ kernel + bias, recurrent_kernel, zeros, zeros,
-                                 None, None, *codes, False, True)
+    _, _, _, saved = projected.forward(case.x @ kernel + bias, recurrent_kernel, zeros, zeros,
+                                       None, None, *codes, False, True)
     probe = np.random.default_rng(parity.PROBE_SEED).standard_normal((N, T, H))
-    d_xw, _, _ = cpu.backward(recurrent_kernel, None, None, *codes, False, saved,
-                              np.float32(probe), zeros, zeros)
+    d_xw, _, _ = projected.backward(recurrent_kernel, None, None, *codes, False, saved,
+                                    np.float32(probe), zeros, zeros)
     rows = N * T
     inputs = {"kernel": case.x.reshape(rows, C), "recurrent_kernel": saved[0].reshape(rows, H)}
     return d_xw.reshape(rows, 4 * H), inputs

@@ -235,7 +235,7 @@ def check_kernels(N, H, T, stream):
     import numpy as np
     import torch
 
-    from fusedlstm.kernels import cpu
+    from fusedlstm.testing import projected
 
     problem = make_problem(N, H, T, seed=N * 7919 + H * 31 + T)
     fused = fused_train_step(problem, None if stream is None else stream.cuda_stream)
@@ -246,11 +246,11 @@ def check_kernels(N, H, T, stream):
     # kernels.cpu is batch-major: [N, T, ...] in, time-major values out.
     host = {k: v.cpu().numpy() for k, v in problem.items()}
     xw = projection(problem).transpose(0, 1).contiguous().cpu().numpy()
-    outputs, h_n, c_n, saved = cpu.forward(xw, host["recurrent_kernel"], host["h0"], host["c0"],
-                                           None, None, TANH, SIGMOID, False, True)
-    d_xw, d_h0, d_c0 = cpu.backward(host["recurrent_kernel"], None, None, TANH, SIGMOID, False,
-                                    saved, np.ascontiguousarray(host["d_outputs"].swapaxes(0, 1)),
-                                    host["d_h_n"], host["d_c_n"])
+    outputs, h_n, c_n, saved = projected.forward(xw, host["recurrent_kernel"], host["h0"], host["c0"],
+                                                 None, None, TANH, SIGMOID, False, True)
+    d_xw, d_h0, d_c0 = projected.backward(host["recurrent_kernel"], None, None, TANH, SIGMOID, False,
+                                          saved, np.ascontiguousarray(host["d_outputs"].swapaxes(0, 1)),
+                                          host["d_h_n"], host["d_c_n"])
     d_xw = d_xw.swapaxes(0, 1).reshape(T * N, 4 * H)
     cpu_values = {"outputs": outputs.swapaxes(0, 1), "h_n": h_n, "c_n": c_n, "h0": d_h0,
                   "c0": d_c0, "x": (d_xw @ host["kernel"].T).reshape(T, N, H)}
@@ -303,7 +303,7 @@ def small_check_errors(launches=SMALL_LAUNCHES, T=3, N=5, H=40):
     """
     import numpy as np
 
-    from fusedlstm.kernels import cpu
+    from fusedlstm.testing import projected
     from fusedlstm.kernels import cuda as cuda_kernels
 
     rng = np.random.default_rng(0)
@@ -322,11 +322,11 @@ def small_check_errors(launches=SMALL_LAUNCHES, T=3, N=5, H=40):
         for masks in ((None, None), (mask, recurrent_mask)):
             args = (xw, u, h0, c0) + masks + (TANH, SIGMOID, False, True)
             got = cuda_kernels.forward(*args, **launch)
-            want = cpu.forward(*args)
+            want = projected.forward(*args)
             grads = cuda_kernels.backward(u, *masks, TANH, SIGMOID, False, got[3], d_outputs,
                                           d_h_n, d_c_n, **launch)
-            want_grads = cpu.backward(u, *masks, TANH, SIGMOID, False, want[3], d_outputs,
-                                      d_h_n, d_c_n)
+            want_grads = projected.backward(u, *masks, TANH, SIGMOID, False, want[3], d_outputs,
+                                            d_h_n, d_c_n)
             worst = max(float(np.max(np.abs(a - b)))
                         for a, b in zip(got[:3] + got[3] + grads, want[:3] + want[3] + want_grads))
             rows.append({"launch": launch, "masked": masks[0] is not None, "max_abs": worst})

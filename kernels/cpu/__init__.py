@@ -1,11 +1,13 @@
 """The CPU kernels: `njit` step kernels, the register tile, thread blocks, host drivers.
 
-- `steps`: the forward and backward recurrence over a block of batch rows.
-- `panels`, `tile`: the recurrent kernel packed in panels and the register
-  tile that multiplies a block of rows by it.
+- `steps`: the whole layer, forward and backward, over a block of batch rows:
+  the input projection, the recurrence, the input and weight gradients.
+- `panels`, `tile`: the weights packed in panels and the register tiles that
+  multiply a block of rows by them (or add such products up).
 - `threads`: blocks of rows handed to a few threads.
-- `drivers`: `forward` and `backward` on NumPy arrays (the same signatures as
-  the CUDA drivers), `warm_up`, `aligned_empty`.
+- `drivers`: `forward` and `backward` on NumPy arrays (inputs and weights in;
+  the CUDA drivers take the input projection instead), `warm_up`,
+  `aligned_empty`.
 """
 
 from .drivers import aligned_empty, backward, forward, warm_up

@@ -1,8 +1,11 @@
-"""The recurrent kernel packed in panels of columns, and its products with a block of rows.
+"""The weights packed in panels of columns, and their products with a block of rows.
 
-`panel_products` runs the register tile of `tile` over every panel and row
-tile of one step's product; `pack_forward` and `pack_backward` lay the
-recurrent kernel (and its transpose) out in the panels it reads.
+`panel_products` runs the register tile of `tile` over a range of panels and
+every row tile of one product (a step's recurrent product, a time chunk's input
+projection or input gradient); `panel_accumulate` adds such products into C
+(the weight gradients, summed over chunks). `pack_forward` and `pack_backward`
+lay a [K, 4H] weight (and its transpose) out in the panels they read;
+`pack_gate_rows` does the same for a chunk's gradient rows.
 
 The tile shapes and the panel width follow the vector target Numba compiles
 for (`tile.vector_target`), fixed when this module is imported: Numba freezes
@@ -13,7 +16,7 @@ loaded for another. Three tiles per target, largest first, so that a block of
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 
 from .tile import make_tile, vector_target
 
@@ -37,14 +40,26 @@ TARGET = vector_target()
 VECTORS, TILE_SHAPES = PLANS[TARGET.isa]
 PANEL = VECTORS * TARGET.lanes
 TILES = tuple(make_tile(rows, VECTORS, unroll) for rows, unroll in TILE_SHAPES)
+ACCUMULATING_TILES = tuple(make_tile(rows, VECTORS, unroll, accumulate=True)
+                           for rows, unroll in TILE_SHAPES)
 (_ROWS_A, _), (_ROWS_B, _), _ = TILE_SHAPES
 _tile_a, _tile_b, _tile_1 = TILES
+_add_a, _add_b, _add_1 = ACCUMULATING_TILES
+
+# One compiled signature each, shared by every kernel: a call with a constant
+# argument (an offset of 0, 4 groups) would otherwise compile a copy of its own
+# for that literal value, most of a second of first compile per copy.
+_index = types.intp
+_PRODUCTS_SIGNATURE = types.void(
+    types.float32[:, ::1], _index, _index, _index, _index, _index, types.float32[::1], _index,
+    _index, _index, _index, types.float32[:, ::1], _index, _index, _index)
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
+@njit(_PRODUCTS_SIGNATURE, nogil=True, error_model="numpy", cache=True)
 def panel_products(a, a_off, a_group_off, lda, rows, depth, packed, b_group_off, b_panel_off,
-                    panels, c, c_group_off, ldc, groups):
-    """`c[group, m, p] = a[group, m] @ packed[group, p]` for each group, panel p and row m < rows.
+                   p0, p1, c, c_group_off, ldc, groups):
+    """`c[group, m, p] = a[group, m] @ packed[group, p]` for each group, panel p in [p0, p1)
+    and row m < rows.
 
     Row m of group g of A (2-D) starts at flat offset `a_off + g * a_group_off
     + m * lda` and has `depth` floats; its panel p starts at `g * b_group_off +
@@ -55,7 +70,7 @@ def panel_products(a, a_off, a_group_off, lda, rows, depth, packed, b_group_off,
     """
     for g in range(groups):
         a_group = a_off + g * a_group_off
-        for p in range(panels):
+        for p in range(p0, p1):
             b_off = g * b_group_off + p * b_panel_off
             c_off = g * c_group_off + p * PANEL
             m = 0
@@ -70,30 +85,67 @@ def panel_products(a, a_off, a_group_off, lda, rows, depth, packed, b_group_off,
                 m += 1
 
 
+@njit(_PRODUCTS_SIGNATURE, nogil=True, error_model="numpy", cache=True)
+def panel_accumulate(a, a_off, a_group_off, lda, rows, depth, packed, b_group_off, b_panel_off,
+                     p0, p1, c, c_group_off, ldc, groups):
+    """`c[group, m, p] += a[group, m] @ packed[group, p]`: `panel_products` with the
+    accumulating tiles, the same arguments."""
+    for g in range(groups):
+        a_group = a_off + g * a_group_off
+        for p in range(p0, p1):
+            b_off = g * b_group_off + p * b_panel_off
+            c_off = g * c_group_off + p * PANEL
+            m = 0
+            while m + _ROWS_A <= rows:
+                _add_a(a, a_group + m * lda, lda, packed, b_off, c, c_off + m * ldc, ldc, depth)
+                m += _ROWS_A
+            while m + _ROWS_B <= rows:
+                _add_b(a, a_group + m * lda, lda, packed, b_off, c, c_off + m * ldc, ldc, depth)
+                m += _ROWS_B
+            while m < rows:
+                _add_1(a, a_group + m * lda, lda, packed, b_off, c, c_off + m * ldc, ldc, depth)
+                m += 1
+
+
 @njit(error_model="numpy", cache=True)
-def pack_forward(recurrent_kernel):
-    """[4, P, H, PANEL]: each gate block of [H, 4H] in panels of PANEL columns, zero-padded."""
-    H = recurrent_kernel.shape[0]
+def pack_forward(weights):
+    """[4, P, K, PANEL]: each gate block of a [K, 4H] weight (the recurrent kernel,
+    K = H, or the input kernel, K = C) in P panels of PANEL columns, zero-padded."""
+    K, H = weights.shape[0], weights.shape[1] // 4
     panels = -(-H // PANEL)
-    packed = np.zeros((4, panels, H, PANEL), np.float32)
+    packed = np.zeros((4, panels, K, PANEL), np.float32)
     for g in range(4):
         for p in range(panels):
             j1 = min(PANEL, H - p * PANEL)
-            for k in range(H):
+            for k in range(K):
                 for j in range(j1):
-                    packed[g, p, k, j] = recurrent_kernel[k, g * H + p * PANEL + j]
+                    packed[g, p, k, j] = weights[k, g * H + p * PANEL + j]
     return packed
 
 
 @njit(error_model="numpy", cache=True)
-def pack_backward(recurrent_kernel):
-    """[P, 4H, PANEL]: the transpose [4H, H] in panels of PANEL columns, zero-padded."""
-    H = recurrent_kernel.shape[0]
-    panels = -(-H // PANEL)
-    packed = np.zeros((panels, 4 * H, PANEL), np.float32)
+def pack_backward(weights):
+    """[P, 4H, PANEL]: the transpose [4H, K] of a [K, 4H] weight in P panels of PANEL
+    columns, zero-padded."""
+    K, H4 = weights.shape
+    panels = -(-K // PANEL)
+    packed = np.zeros((panels, H4, PANEL), np.float32)
     for p in range(panels):
-        j1 = min(PANEL, H - p * PANEL)
+        j1 = min(PANEL, K - p * PANEL)
         for j in range(j1):
-            for k in range(4 * H):
-                packed[p, k, j] = recurrent_kernel[p * PANEL + j, k]
+            for k in range(H4):
+                packed[p, k, j] = weights[p * PANEL + j, k]
     return packed
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def pack_gate_rows(src, m0, rows, packed):
+    """Rows [m0, m0 + rows) of `src` [M, 4H] into `packed` [4, P, M, PANEL], the layout of
+    `pack_forward` with the rows as K; the padding columns are left as they are (zero)."""
+    H = src.shape[1] // 4
+    for g in range(4):
+        for p in range(packed.shape[1]):
+            j1 = min(PANEL, H - p * PANEL)
+            for m in range(m0, m0 + rows):
+                for j in range(j1):
+                    packed[g, p, m, j] = src[m, g * H + p * PANEL + j]

@@ -157,12 +157,15 @@ def block_bounds(rows, flops_per_row, threads):
     return [(r0, min(r0 + size, rows)) for r0 in range(0, rows, size)]
 
 
-def run_blocks(kernel, arguments, rows, flops_per_row):
-    """Calls `kernel(r0, r1, *arguments)` for every block of `rows` batch rows."""
+def run_blocks(kernel, arguments, rows, flops_per_row, bounds=None):
+    """Calls `kernel(r0, r1, *arguments)` for every block of `rows` batch rows: those of
+    `block_bounds`, or `bounds` from a call to it (for a caller that sizes
+    something per block)."""
     if rows <= 0:
         return
     threads = thread_count()
-    bounds = block_bounds(rows, flops_per_row, threads)
+    if bounds is None:
+        bounds = block_bounds(rows, flops_per_row, threads)
     if len(bounds) == 1 or threads == 1:
         for r0, r1 in bounds:
             kernel(r0, r1, *arguments)

@@ -110,7 +110,7 @@ def _probe_assembly(triple, cpu, features):
     return machine.emit_assembly(parsed)
 
 
-def make_tile(rows, vectors, unroll, lanes=None, fma=None):
+def make_tile(rows, vectors, unroll, lanes=None, fma=None, accumulate=False):
     """A Numba intrinsic `tile(a, a_off, lda, b, b_off, c, c_off, ldc, depth)`.
 
     Args:
@@ -122,6 +122,8 @@ def make_tile(rows, vectors, unroll, lanes=None, fma=None):
         lanes: floats per vector; `vector_target().lanes` when None.
         fma: fused multiply-adds (`llvm.fma`) rather than a multiply and an
             add; `vector_target().fma` when None.
+        accumulate: `C += A @ B` (the accumulators start from C, for sums
+            over many products such as the weight gradients) instead of `C = A @ B`.
     """
     target = vector_target()
     lanes = target.lanes if lanes is None else lanes
@@ -142,6 +144,8 @@ def make_tile(rows, vectors, unroll, lanes=None, fma=None):
             c_ptr = builder.gep(_data(context, builder, c, c_arr), [c_off])
             emit = _TileEmitter(builder, rows, vectors, unroll, lanes, fma, a_ptr, lda,
                                 b_ptr)
+            if accumulate:
+                emit.load(c_ptr, ldc)
             steps = builder.sdiv(depth, ir.Constant(_INDEX, unroll))
             with cgutils.for_range(builder, steps) as loop:
                 base = builder.mul(loop.index, ir.Constant(_INDEX, unroll))
@@ -176,6 +180,15 @@ class _TileEmitter:
         zero = ir.Constant(self.vector, None)
         self.acc = [[[cgutils.alloca_once_value(builder, zero) for _ in range(vectors)]
                      for _ in range(rows)] for _ in range(unroll)]
+
+    def load(self, c_ptr, ldc):
+        """Starts the first accumulators from C."""
+        builder = self.builder
+        for m in range(self.rows):
+            c_row = builder.gep(c_ptr, [builder.mul(ir.Constant(_INDEX, m), ldc)])
+            for v in range(self.vectors):
+                value = self._load_vector(builder.gep(c_row, [ir.Constant(_INDEX, v * self.lanes)]))
+                builder.store(value, self.acc[0][m][v])
 
     def multiply_add(self, k, u):
         builder = self.builder

@@ -12,9 +12,9 @@ root under qemu (`tests/platforms/aarch64_root.sh`), and under
 (`tests/test_kernels_cpu.py` runs it so, with a cache folder of its own).
 
 The kernels' forward and backward results at (N, T, H) = (1, 7, 3), (5, 9, 17)
-(masked) and (16, 20, 64) are compared with the float64 reference within the
-error model of `tests/test_kernels_cpu.py` (64 float32 epsilons of the largest
-magnitude, at least 1). Prints one line per result, then PASS or FAIL; the
+(masked, input and recurrent dropout) and (16, 20, 64) are compared with the
+float64 reference within the error model of `tests/parity.py` (`allowance`).
+Prints one line per result, then PASS or FAIL; the
 exit status is 0 only on PASS. `--json` prints one JSON object instead.
 """
 
@@ -60,55 +60,62 @@ def target_description():
         [rows, panels.VECTORS, unroll] for rows, unroll in panels.TILE_SHAPES])
 
 
-def bound(want):
-    """The error model of `tests/test_kernels_cpu.py`: float32 rounding of values
-    of this magnitude, summed over a few hundred terms."""
+def allowance(want, terms):
+    """The error model of `tests/parity.py` (`float32_rounding_allowance`): float32
+    rounding of a sum of `terms` products, eps32 * (8 + 2 * sqrt(terms)) * max(1, max|want|)."""
     import numpy as np
-    return float(64 * np.finfo("float32").eps * max(1.0, float(np.abs(want).max())))
+    return float(np.finfo("float32").eps * (8 + 2 * np.sqrt(terms))
+                 * max(1.0, float(np.abs(want).max(initial=0))))
 
 
-def kernel_errors(N, T, H, masked, seed=1):
-    """{result name: (max abs error, bound)} of the CPU kernels against the float64 reference."""
+def summed_terms(name, N, T, C, H):
+    """The depth of the deepest sum behind a result, as `tests/parity.py` counts it:
+    C + H products per step for the forward values, 4H per step back for the
+    input and state gradients, N * T rows more for the weight gradients."""
+    backward_chain = T * 4 * H
+    if name in ("d_kernel", "d_recurrent_kernel", "d_bias"):
+        return N * T + backward_chain
+    if name.startswith("d_"):
+        return backward_chain
+    return T * (C + H + 1)
+
+
+def kernel_errors(N, T, H, masked, seed=1, C=4):
+    """{result name: (max abs error, bound)} of the CPU kernels against the float64
+    reference; `masked` adds a mask and input and recurrent dropout."""
     import numpy as np
     kernels = load_kernels()
     from fusedlstm.testing import reference
     cpu, gates = kernels.cpu, kernels.gates
     rng = np.random.default_rng(seed)
-    C = 4
     x = rng.normal(size=(N, T, C)).astype("float32")
     W = rng.normal(0, 0.5, (C, 4 * H)).astype("float32")
     U = rng.normal(0, 0.5, (H, 4 * H)).astype("float32")
     b = rng.normal(0, 0.5, 4 * H).astype("float32")
     h0, c0 = (rng.normal(size=(N, H)).astype("float32") for _ in range(2))
     mask = rng.random((N, T)) > 0.3 if masked else None
-    seq, h, c, tape = reference.lstm_forward(x, W, U, b, h0, c0, mask)
-    xw = (x.astype("float64") @ W + b).astype("float32")
-    out, h_n, c_n, saved = cpu.forward(xw, U, h0, c0, mask, None, gates.TANH, gates.SIGMOID,
-                                       False, True)
-    d_seq = rng.normal(size=seq.shape)
-    d_h, d_c = rng.normal(size=h.shape), rng.normal(size=c.shape)
+    rmask = (rng.random((4, N, H)) > 0.3).astype("float32") / 0.7 if masked else None
+    imask = (rng.random((4, N, C)) > 0.2).astype("float32") / 0.8 if masked else None
+    seq, h, c, tape = reference.lstm_forward(x, W, U, b, h0, c0, mask, rmask, imask)
+    out, h_n, c_n, saved = cpu.forward(x, W, b, U, h0, c0, mask, imask, rmask, gates.TANH,
+                                       gates.SIGMOID, False, True)
+    d_seq = rng.normal(size=seq.shape).astype("float32")
+    d_h, d_c = (rng.normal(size=h.shape).astype("float32") for _ in range(2))
     want = reference.lstm_backward(tape, d_seq, d_h, d_c)
-    d_xw, d_h0, d_c0 = cpu.backward(U, mask, None, gates.TANH, gates.SIGMOID, False, saved,
-                                    d_seq.astype("float32"), d_h.astype("float32"),
-                                    d_c.astype("float32"))
-    d_xw64 = d_xw.astype("float64")
-    got = {
-        "outputs": (out, seq), "h_n": (h_n, h), "c_n": (c_n, c),
-        "d_h0": (d_h0, want["h0"]), "d_c0": (d_c0, want["c0"]),
-        "d_bias": (d_xw64.sum((0, 1)), want["bias"]),
-        "d_kernel": (x.reshape(-1, C).T.astype("float64") @ d_xw64.reshape(-1, 4 * H),
-                     want["kernel"]),
-        "d_recurrent_kernel": (saved[0].reshape(-1, H).T.astype("float64")
-                               @ d_xw64.reshape(-1, 4 * H), want["recurrent_kernel"]),
-        "d_x": (d_xw64 @ W.T.astype("float64"), want["x"]),
-    }
-    return {name: (float(np.abs(np.asarray(g, np.float64) - w).max()), bound(w))
+    grads = cpu.backward(x, W, U, mask, imask, rmask, gates.TANH, gates.SIGMOID, False, saved,
+                         d_seq, d_h, d_c)
+    got = {"outputs": (out, seq), "h_n": (h_n, h), "c_n": (c_n, c)}
+    for name, value in zip(("x", "kernel", "recurrent_kernel", "bias", "h0", "c0"), grads):
+        got["d_" + name] = (value, want[name])
+    return {name: (float(np.abs(np.asarray(g, np.float64) - w).max()),
+                   allowance(w, summed_terms(name, N, T, C, H)))
             for name, (g, w) in got.items()}
 
 
 def tile_assembly():
     """What the register tiles compile to on this target, in the function that runs
-    them (`panels.panel_products`) and alone (one function per tile shape).
+    them (`panels.panel_products`) and alone (one function per tile shape, storing
+    and accumulating).
 
     Returns a dict: `fma` multiply-adds by register class (x86 "x", "y", "z";
     AArch64 "v"), `fmaf_calls` (libm calls), `mul_add` separate vector
@@ -126,16 +133,17 @@ def tile_assembly():
     c = np.zeros((rows, width), "float32")
     # A copy without the disk cache: a function loaded from the cache has no listing.
     products = njit(nogil=True, error_model="numpy")(panels.panel_products.py_func)
-    products(a, 0, 0, depth, rows, depth, b, 0, 0, 1, c, 0, width, 1)
+    products(a, 0, 0, depth, rows, depth, b, 0, 0, 0, 1, c, 0, width, 1)
     if not np.all(c == depth):
         raise AssertionError("panel_products computed a wrong product")
     listings["panel_products"] = "\n".join(products.inspect_asm().values())
-    for (rows, unroll), tile in zip(panels.TILE_SHAPES, panels.TILES):
-        function = _tile_function(njit, tile)
-        function(np.ones((rows, depth), "float32"), np.ones(depth * width, "float32"),
-                 np.empty((rows, width), "float32"))
-        listings[f"tile_{rows}x{panels.VECTORS}x{unroll}"] = "\n".join(
-            function.inspect_asm().values())
+    for tiles, kind in ((panels.TILES, ""), (panels.ACCUMULATING_TILES, "_accumulating")):
+        for (rows, unroll), tile in zip(panels.TILE_SHAPES, tiles):
+            function = _tile_function(njit, tile)
+            function(np.ones((rows, depth), "float32"), np.ones(depth * width, "float32"),
+                     np.zeros((rows, width), "float32"))
+            listings[f"tile_{rows}x{panels.VECTORS}x{unroll}{kind}"] = "\n".join(
+                function.inspect_asm().values())
     return {name: _assembly_counts(asm) for name, asm in listings.items()}
 
 
