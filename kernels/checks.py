@@ -7,6 +7,13 @@ against the sequence shape before it launches anything:
     N, T, H = check_forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask)
     N, T, H = check_backward(recurrent_kernel, mask, recurrent_mask, saved,
                              d_outputs, d_h_n, d_c_n)
+    N, T, C, H = check_layer_forward(x, kernel, bias, recurrent_kernel, h0, c0, mask,
+                                     input_mask, recurrent_mask)
+    N, T, C, H = check_layer_backward(x, kernel, recurrent_kernel, mask, input_mask,
+                                      recurrent_mask, saved, d_outputs, d_h_n, d_c_n)
+
+The `check_layer_*` pair checks the whole-layer drivers (`kernels.cpu`), which
+take the inputs `x` [N, T, C] and the input kernel rather than a projection.
 
 Each raises a `ValueError` naming the argument, what was expected and what was
 received. The arrays may be NumPy arrays or device arrays (anything with
@@ -18,7 +25,7 @@ anyway. NumPy only: this module imports no framework and no Numba.
 
 import numpy as np
 
-__all__ = ["check_backward", "check_forward"]
+__all__ = ["check_backward", "check_forward", "check_layer_backward", "check_layer_forward"]
 
 
 def check_forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, contiguous=True):
@@ -72,6 +79,73 @@ def check_backward(recurrent_kernel, mask, recurrent_mask, saved, d_outputs, d_h
     _check("saved gates", gates, (N, T, 4 * H), "[N, T, 4H]", "float32", dims, contiguous)
     _check_masks(mask, recurrent_mask, N, T, H, dims, contiguous)
     return N, T, H
+
+
+def check_layer_forward(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
+                        recurrent_mask):
+    """Checks the whole-layer forward drivers' inputs; returns `(N, T, C, H)`.
+
+    Expected: `x` [N, T, C] float32, `kernel` [C, 4H] (H >= 1), `bias` [4H],
+    `recurrent_kernel` [H, 4H], `h0` and `c0` [N, H], `mask` [N, T] bool or
+    None, `input_mask` [4, N, C] float32 or None, `recurrent_mask` [4, N, H]
+    float32 or None; all C-contiguous.
+
+    Raises:
+        ValueError: naming the first argument that does not match.
+    """
+    N, T, C, H, dims = _layer_shape(x, kernel)
+    _check("bias", bias, (4 * H,), "[4H]", "float32", dims, True)
+    _check("recurrent_kernel", recurrent_kernel, (H, 4 * H), "[H, 4H]", "float32", dims, True)
+    _check("h0", h0, (N, H), "[N, H]", "float32", dims, True)
+    _check("c0", c0, (N, H), "[N, H]", "float32", dims, True)
+    _check_masks(mask, recurrent_mask, N, T, H, dims, True)
+    _check_input_mask(input_mask, N, C, dims)
+    return N, T, C, H
+
+
+def check_layer_backward(x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, saved,
+                         d_outputs, d_h_n, d_c_n):
+    """Checks the whole-layer backward drivers' inputs; returns `(N, T, C, H)`.
+
+    Expected: `x`, `kernel`, `recurrent_kernel` and the masks as for
+    `check_layer_forward`; `saved = (h_in, c_seq, gates)` and the gradients as
+    for `check_backward` (`h_in` required).
+
+    Raises:
+        ValueError: naming the first argument that does not match.
+    """
+    N, T, C, H, dims = _layer_shape(x, kernel)
+    _check("d_outputs", d_outputs, (N, T, H), "[N, T, H]", "float32", dims, True)
+    check_backward(recurrent_kernel, mask, recurrent_mask, saved, d_outputs, d_h_n, d_c_n)
+    if saved[0] is None:
+        raise ValueError("Expected `saved` h_in [N, T, H] as returned by "
+                         "forward(..., training=True). Received: None")
+    _check_input_mask(input_mask, N, C, dims)
+    return N, T, C, H
+
+
+def _layer_shape(x, kernel):
+    """`(N, T, C, H, dims)` of the inputs `x` [N, T, C] and `kernel` [C, 4H]."""
+    shape = _shape(x)
+    if len(shape) != 3:
+        raise ValueError(f"Expected `x` of shape [N, T, C]. Received: x.shape={shape}")
+    _check_dtype_and_layout("x", x, "float32", True)
+    N, T, C = shape
+    kernel_shape = _shape(kernel)
+    if (len(kernel_shape) != 2 or kernel_shape[0] != C or kernel_shape[1] == 0
+            or kernel_shape[1] % 4):
+        raise ValueError(
+            f"Expected `kernel` of shape [C, 4H] with C={C} from x.shape={shape} and "
+            f"H >= 1. Received: kernel.shape={kernel_shape}")
+    _check_dtype_and_layout("kernel", kernel, "float32", True)
+    H = kernel_shape[1] // 4
+    dims = f"N={N}, T={T}, C={C}, H={H} from x.shape={shape}, kernel.shape={kernel_shape}"
+    return N, T, C, H, dims
+
+
+def _check_input_mask(input_mask, N, C, dims):
+    if input_mask is not None:
+        _check("input_mask", input_mask, (4, N, C), "[4, N, C]", "float32", dims, True)
 
 
 def _check_masks(mask, recurrent_mask, N, T, H, dims, contiguous):
