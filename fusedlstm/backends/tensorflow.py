@@ -1,12 +1,14 @@
 """TensorFlow glue: the fused LSTM sequence as a `tf.custom_gradient` op.
 
-The projection, the inputs' gradient and the weight gradients run as TF
-matmuls (`fusedlstm.backends.projection`). On the CPU, the recurrence and its backward
-pass run in `tf.numpy_function` callbacks on the CPU kernels, whose NumPy host
-drivers allocate the outputs. On a GPU, they run on the CUDA kernels in
-`tf.py_function` callbacks, whose GPU kernel hands them the GPU tensors as they
-are. When the forward pass ran without saving (inference), a gradient request
-recomputes it with saving.
+On the CPU, the whole layer runs in one `tf.numpy_function` callback per
+direction on the CPU drivers (`kernels.cpu`: x, the weights and the masks in;
+the outputs, and in the backward callback every gradient, out), whose NumPy
+host drivers allocate the results: no TF matmul, transpose or copy around
+them. On a GPU, the projection, the inputs' gradient and the weight gradients
+run as TF matmuls (`fusedlstm.backends.projection`) and the recurrence on the
+CUDA kernels in `tf.py_function` callbacks, whose GPU kernel hands them the
+GPU tensors as they are. When the forward pass ran without saving
+(inference), a gradient request recomputes it with saving.
 """
 
 import contextlib
@@ -28,22 +30,102 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
     """See `fusedlstm.ops.lstm_sequence`."""
     x, kernel, bias, recurrent_kernel, h0, c0 = (
         tf.convert_to_tensor(t, _F32) for t in (x, kernel, bias, recurrent_kernel, h0, c0))
-    mask = tf.zeros([0, 0], tf.bool) if mask is None else tf.cast(mask, tf.bool)
-    input_mask = tf.zeros([0, 0, 0], _F32) if input_mask is None else input_mask
-    recurrent_mask = tf.zeros([0, 0, 0], _F32) if recurrent_mask is None else recurrent_mask
-    on_gpu = _uses_cuda_kernels(x)
+    mask = _empty_mask() if mask is None else tf.cast(mask, tf.bool)
+    input_mask = _empty(3) if input_mask is None else input_mask
+    recurrent_mask = _empty(3) if recurrent_mask is None else recurrent_mask
+    masks = (mask, input_mask, recurrent_mask)
+    if _uses_cuda_kernels(x):
+        return _gpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config)
+    return _cpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config)
+
+
+def _empty_mask():
+    """The placeholder for "no mask" (`none_if_empty`)."""
+    return tf.zeros([0, 0], tf.bool)
+
+
+def _empty(rank):
+    """The float32 placeholder of `rank` for "no mask" or "no gradient"."""
+    return tf.zeros([0] * rank, _F32)
+
+
+def _cpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config):
+    """The CPU op: one callback per direction on the whole-layer drivers (`kernels.cpu`).
+
+    x, the weights and the masks go in as they are; the backward callback
+    returns every gradient. A gradient TF leaves as None travels as an empty
+    placeholder that the callback reads as zeros.
+    """
+    mask, input_mask, recurrent_mask = masks
+
+    def run_forward(x, kernel, bias, recurrent_kernel, h0, c0, save):
+        results = tf.numpy_function(
+            functools.partial(_cpu_forward, config, save),
+            [x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask, recurrent_mask],
+            [_F32] * (6 if save else 3), stateful=False)
+        _set_shapes(results, x.shape[:2], recurrent_kernel.shape[0])
+        return results
+
+    @tf.custom_gradient
+    def fused(*args):
+        results = run_forward(*args, save=config.training)
+
+        def grad(d_outputs, d_h_n, d_c_n):
+            saved = results[3:] if config.training else run_forward(*args, save=True)[3:]
+            x, kernel, bias, recurrent_kernel, h0, c0 = args
+            d_results = [_empty(3) if d_outputs is None else d_outputs,
+                         _empty(2) if d_h_n is None else d_h_n,
+                         _empty(2) if d_c_n is None else d_c_n]
+            d_x, d_kernel, d_recurrent_kernel, d_bias, d_h0, d_c0 = tf.numpy_function(
+                functools.partial(_cpu_backward, config),
+                [x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, *saved,
+                 *d_results], [_F32] * 6, stateful=False)
+            for grad_, like in ((d_x, x), (d_kernel, kernel), (d_recurrent_kernel,
+                                recurrent_kernel), (d_bias, bias), (d_h0, h0), (d_c0, c0)):
+                grad_.set_shape(like.shape)
+            return d_x, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0
+
+        return tuple(results[:3]), grad
+
+    return fused(x, kernel, bias, recurrent_kernel, h0, c0)
+
+
+def _cpu_forward(config, save, x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
+                 recurrent_mask):
+    outputs, h_n, c_n, saved = kernels.forward(
+        x, kernel, bias, recurrent_kernel, h0, c0, none_if_empty(mask),
+        none_if_empty(input_mask), none_if_empty(recurrent_mask), config.activation,
+        config.recurrent_activation, config.zero_output_for_mask, save)
+    return (outputs, h_n, c_n) + (tuple(saved) if save else ())
+
+
+def _cpu_backward(config, x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask,
+                  h_in, c_seq, gates, d_outputs, d_h_n, d_c_n):
+    N, T, H = h_in.shape
+    return kernels.backward(
+        x, kernel, recurrent_kernel, none_if_empty(mask), none_if_empty(input_mask),
+        none_if_empty(recurrent_mask), config.activation, config.recurrent_activation,
+        config.zero_output_for_mask, (h_in, c_seq, gates),
+        _zeros_if_empty(d_outputs, (N, T, H)), _zeros_if_empty(d_h_n, (N, H)),
+        _zeros_if_empty(d_c_n, (N, H)))
+
+
+def _zeros_if_empty(array, shape):
+    """Zeros of `shape` for the empty placeholder of a gradient TF left as None."""
+    return np.zeros(shape, np.float32) if array.shape != shape else array
+
+
+def _gpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config):
+    """The GPU op: the projection and the weight gradients as TF matmuls
+    (`fusedlstm.backends.projection`) around the CUDA kernels' callbacks."""
+    mask, input_mask, recurrent_mask = masks
 
     def run_forward(x, kernel, bias, recurrent_kernel, h0, c0, save):
         xw = projection.input_projection(x, kernel, bias, none_if_empty(input_mask))
         inputs = [xw, recurrent_kernel, h0, c0, mask, recurrent_mask]
-        count = 6 if save else 3
-        if on_gpu:
-            results = _gpu_call(functools.partial(_gpu_forward, config, save), inputs, count)
-        else:
-            results = tf.numpy_function(
-                functools.partial(_forward, config, save), inputs, [_F32] * count,
-                stateful=False)
-        _set_shapes(results, xw.shape, recurrent_kernel.shape[0])
+        results = _gpu_call(functools.partial(_gpu_forward, config, save), inputs,
+                            6 if save else 3)
+        _set_shapes(results, xw.shape[:2], recurrent_kernel.shape[0])
         return results
 
     @tf.custom_gradient
@@ -56,13 +138,8 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
             d_results = [_zeros_if_none(d_outputs, results[0]),
                          _zeros_if_none(d_h_n, h0), _zeros_if_none(d_c_n, c0)]
             backward_inputs = [recurrent_kernel, mask, recurrent_mask, *saved, *d_results]
-            if on_gpu:
-                d_xw, d_h0, d_c0 = _gpu_call(
-                    functools.partial(_gpu_backward, config), backward_inputs, 3)
-            else:
-                d_xw, d_h0, d_c0 = tf.numpy_function(
-                    functools.partial(_backward, config), backward_inputs, [_F32] * 3,
-                    stateful=False)
+            d_xw, d_h0, d_c0 = _gpu_call(
+                functools.partial(_gpu_backward, config), backward_inputs, 3)
             d_xw.set_shape(saved[2].shape)
             d_h0.set_shape(h0.shape)
             d_c0.set_shape(c0.shape)
@@ -76,21 +153,6 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
         return tuple(results[:3]), grad
 
     return fused(x, kernel, bias, recurrent_kernel, h0, c0)
-
-
-def _forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mask):
-    outputs, h_n, c_n, saved = kernels.forward(
-        xw, recurrent_kernel, h0, c0, none_if_empty(mask), none_if_empty(recurrent_mask),
-        config.activation, config.recurrent_activation, config.zero_output_for_mask, save)
-    return (outputs, h_n, c_n) + (tuple(saved) if save else ())
-
-
-def _backward(config, recurrent_kernel, mask, recurrent_mask, h_in, c_seq, gates,
-              d_outputs, d_h_n, d_c_n):
-    return kernels.backward(
-        recurrent_kernel, none_if_empty(mask), none_if_empty(recurrent_mask),
-        config.activation, config.recurrent_activation, config.zero_output_for_mask,
-        (h_in, c_seq, gates), d_outputs, d_h_n, d_c_n)
 
 
 def _uses_cuda_kernels(tensor):
@@ -218,9 +280,9 @@ def _zeros_if_none(grad, like):
     return tf.zeros_like(like) if grad is None else grad
 
 
-def _set_shapes(results, xw_shape, units):
+def _set_shapes(results, batch_and_steps, units):
     """Static shapes of the callback's results: batch-major, as `kernels.cpu.forward`."""
-    batch, steps = xw_shape[0], xw_shape[1]
+    batch, steps = batch_and_steps
     state = tf.TensorShape([batch, units])
     shapes = [tf.TensorShape([batch, steps, units]), state, state]
     if len(results) == 6:
