@@ -288,10 +288,13 @@ def test_first_compile_is_announced_once_then_cached_on_disk(tmp_path):
         import json, numpy as np
         from fusedlstm.kernels import cpu
         from fusedlstm.kernels.cpu import steps
-        args = (np.ones((1, 2, 8), np.float32), np.ones((2, 8), np.float32),
-                np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32), None, None, 0, 1, False)
+        x, kernel = np.ones((1, 2, 3), np.float32), np.ones((3, 8), np.float32)
+        recurrent_kernel, bias = np.ones((2, 8), np.float32), np.zeros(8, np.float32)
+        state = np.zeros((1, 2), np.float32)
+        args = (x, kernel, bias, recurrent_kernel, state, state, None, None, None, 0, 1, False)
         outputs, h_n, c_n, saved = cpu.forward(*args, True)
-        cpu.backward(args[1], None, None, 0, 1, False, saved, outputs, h_n, c_n)
+        cpu.backward(x, kernel, recurrent_kernel, None, None, None, 0, 1, False, saved, outputs,
+                     h_n, c_n)
         cpu.forward(*args, False)
         stats = [kernel.stats for kernel in steps.block_kernels(0, 1)]
         print(json.dumps({"hits": sum(sum(s.cache_hits.values()) for s in stats),

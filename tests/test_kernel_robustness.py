@@ -9,7 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from fusedlstm.kernels import checks, cpu
+from fusedlstm.kernels import checks
+from fusedlstm.kernels.cpu import drivers
 from fusedlstm.kernels.cpu import threads
 from fusedlstm.kernels.gates import SIGMOID, TANH
 
@@ -31,7 +32,7 @@ def problem(n=N, t=T, h=H, seed=0):
 
 
 def forward(p, training=False):
-    return cpu.forward(p["xw"], p["recurrent_kernel"], p["h0"], p["c0"], p["mask"],
+    return drivers.forward(p["xw"], p["recurrent_kernel"], p["h0"], p["c0"], p["mask"],
                        p["recurrent_mask"], TANH, SIGMOID, False, training)
 
 
@@ -111,7 +112,7 @@ def test_backward_names_the_bad_input(case):
     else:
         args[where if where < 3 else where + 2] = spoil(args[where if where < 3 else where + 2])
     with pytest.raises(ValueError, match=message):
-        cpu.backward(*args)
+        drivers.backward(*args)
 
 
 def test_checks_return_the_sequence_shape_and_read_device_style_arrays():
@@ -150,7 +151,7 @@ def test_empty_batch_returns_empty_results(training, two_threads):
     assert outputs.shape == (0, T, H) and h_n.shape == c_n.shape == (0, H)
     if training:
         assert [s.shape for s in saved] == [(0, T, H), (0, T + 1, H), (0, T, 4 * H)]
-        d_xw, d_h0, d_c0 = run_with_timeout(lambda: cpu.backward(
+        d_xw, d_h0, d_c0 = run_with_timeout(lambda: drivers.backward(
             p["recurrent_kernel"], p["mask"], p["recurrent_mask"], TANH, SIGMOID, False, saved,
             outputs, h_n, c_n))
         assert d_xw.shape == (0, T, 4 * H) and d_h0.shape == d_c0.shape == (0, H)
@@ -170,7 +171,7 @@ def test_empty_sequence_keeps_the_initial_state():
     np.testing.assert_array_equal(c_n, p["c0"])
     np.testing.assert_array_equal(saved[1][:, 0], p["c0"])
     d_h, d_c = np.ones((N, H), "float32"), np.full((N, H), 2, "float32")
-    d_xw, d_h0, d_c0 = cpu.backward(p["recurrent_kernel"], p["mask"], p["recurrent_mask"], TANH,
+    d_xw, d_h0, d_c0 = drivers.backward(p["recurrent_kernel"], p["mask"], p["recurrent_mask"], TANH,
                                     SIGMOID, False, saved, outputs, d_h, d_c)
     assert d_xw.shape == (N, 0, 4 * H)
     np.testing.assert_array_equal(d_h0, d_h)
@@ -253,7 +254,7 @@ def test_pool_follows_the_thread_count(monkeypatch):
 # The scripts run under Keras's NumPy backend: no framework's threads exist at the fork.
 _SCRIPT_SETUP = """
 import numpy as np
-from fusedlstm.kernels import cpu
+from fusedlstm.kernels.cpu import drivers
 from fusedlstm.kernels.cpu import threads
 from fusedlstm.kernels.gates import SIGMOID, TANH
 rng = np.random.default_rng(0)
@@ -262,7 +263,7 @@ p = [rng.standard_normal((n, t, 4 * h)).astype("float32"),
      rng.normal(0, 0.3, (h, 4 * h)).astype("float32"),
      np.zeros((n, h), "float32"), np.zeros((n, h), "float32"), None, None]
 def forward(training=False):
-    return cpu.forward(*p, TANH, SIGMOID, False, training)
+    return drivers.forward(*p, TANH, SIGMOID, False, training)
 threads.set_thread_count(2)
 """
 
