@@ -37,6 +37,7 @@ BACKEND_INDEPENDENT = True  # see conftest.py
 
 from fusedlstm.testing import reference  # noqa: E402
 from fusedlstm.kernels import cpu  # noqa: E402
+import xw_kernels  # noqa: E402  (the CPU drivers with the CUDA drivers' signatures)
 from fusedlstm.kernels.gates import ACTIVATION_CODES  # noqa: E402
 
 SIMULATED = bool(config.ENABLE_CUDASIM)
@@ -126,12 +127,12 @@ def _run_case(kernels, case):
     launch = case["launch"]
 
     outputs, h_n, c_n, saved = kernels.forward(*fwd_args, True, **launch)
-    want = cpu.forward(*fwd_args, True)
+    want = xw_kernels.forward(*fwd_args, True)
     inference = kernels.forward(*fwd_args, False, **launch)
     grads = kernels.backward(x["recurrent_kernel"], *common, saved, x["d_outputs"], x["d_h_n"],
                              x["d_c_n"], **launch)
-    want_grads = cpu.backward(x["recurrent_kernel"], *common, want[3], x["d_outputs"],
-                              x["d_h_n"], x["d_c_n"])
+    want_grads = xw_kernels.backward(x["recurrent_kernel"], *common, want[3], x["d_outputs"],
+                                     x["d_h_n"], x["d_c_n"])
 
     # The reference takes batch-major inputs and a projection: an identity
     # kernel makes its input projection `xw` itself.
@@ -241,9 +242,10 @@ def _empty_runs(kernels):
                                      put(np.zeros((N, T, 3), np.float32)), put(h0), put(c0))
             host = [np.asarray(a) if place == "host" else a.copy_to_host()
                     for a in got[:3] + tuple(got[3]) + tuple(grads)]
-            want = cpu.forward(xw, x["recurrent_kernel"], h0, c0, None, None, 0, 1, False, True)
-            want_grads = cpu.backward(x["recurrent_kernel"], None, None, 0, 1, False, want[3],
-                                      np.zeros((N, T, 3), np.float32), h0, c0)
+            want = xw_kernels.forward(xw, x["recurrent_kernel"], h0, c0, None, None, 0, 1,
+                                      False, True)
+            want_grads = xw_kernels.backward(x["recurrent_kernel"], None, None, 0, 1, False,
+                                             want[3], np.zeros((N, T, 3), np.float32), h0, c0)
             expected = list(want[:3] + tuple(want[3]) + tuple(want_grads))
             results[f"N{N}_T{T}_{place}"] = (
                 [a.shape for a in host] == [a.shape for a in expected]
@@ -406,12 +408,12 @@ def test_gpu_kernels_match_cpu(N, H, T, launch, masked):
     common = (x["mask"], x["recurrent_mask"], 0, 1, masked)
     fwd_args = (x["xw"], x["recurrent_kernel"], x["h0"], x["c0"]) + common + (True,)
     got = cuda_kernels.forward(*fwd_args, **launch)
-    want = cpu.forward(*fwd_args)
+    want = xw_kernels.forward(*fwd_args)
     assert max(_max_errors(got[:3] + got[3], want[:3] + want[3])) <= STATE_TOL
     grads = cuda_kernels.backward(x["recurrent_kernel"], *common, got[3], x["d_outputs"],
                                   x["d_h_n"], x["d_c_n"], **launch)
-    want_grads = cpu.backward(x["recurrent_kernel"], *common, want[3], x["d_outputs"],
-                              x["d_h_n"], x["d_c_n"])
+    want_grads = xw_kernels.backward(x["recurrent_kernel"], *common, want[3], x["d_outputs"],
+                                     x["d_h_n"], x["d_c_n"])
     assert max(_max_errors(grads, want_grads)) <= GRAD_TOL
 
 
@@ -424,7 +426,7 @@ def test_gpu_torch_tensors_on_their_stream():
 
     x = _case_inputs(T=4, N=3, H=48)
     args = (x["xw"], x["recurrent_kernel"], x["h0"], x["c0"], None, None, 0, 1, False, True)
-    want = cpu.forward(*args)
+    want = xw_kernels.forward(*args)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         tensors = [torch.from_numpy(a).cuda() for a in args[:4]]

@@ -30,38 +30,27 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
     """See `fusedlstm.ops.lstm_sequence`."""
     x, kernel, bias, recurrent_kernel, h0, c0 = (
         tf.convert_to_tensor(t, _F32) for t in (x, kernel, bias, recurrent_kernel, h0, c0))
-    mask = _empty_mask() if mask is None else tf.cast(mask, tf.bool)
-    input_mask = _empty(3) if input_mask is None else input_mask
-    recurrent_mask = _empty(3) if recurrent_mask is None else recurrent_mask
-    masks = (mask, input_mask, recurrent_mask)
+    masks = (None if mask is None else tf.cast(mask, tf.bool), input_mask, recurrent_mask)
     if _uses_cuda_kernels(x):
         return _gpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config)
     return _cpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config)
-
-
-def _empty_mask():
-    """The placeholder for "no mask" (`none_if_empty`)."""
-    return tf.zeros([0, 0], tf.bool)
-
-
-def _empty(rank):
-    """The float32 placeholder of `rank` for "no mask" or "no gradient"."""
-    return tf.zeros([0] * rank, _F32)
 
 
 def _cpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config):
     """The CPU op: one callback per direction on the whole-layer drivers (`kernels.cpu`).
 
     x, the weights and the masks go in as they are; the backward callback
-    returns every gradient. A gradient TF leaves as None travels as an empty
-    placeholder that the callback reads as zeros.
+    returns every gradient. A missing mask, or a gradient TF leaves as None,
+    is no input at all (each TF tensor made costs an eager op): the callbacks
+    are told which are there.
     """
-    mask, input_mask, recurrent_mask = masks
+    given = tuple(m is not None for m in masks)
+    present = [m for m in masks if m is not None]
 
     def run_forward(x, kernel, bias, recurrent_kernel, h0, c0, save):
         results = tf.numpy_function(
-            functools.partial(_cpu_forward, config, save),
-            [x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask, recurrent_mask],
+            functools.partial(_cpu_forward, config, save, given),
+            [x, kernel, bias, recurrent_kernel, h0, c0, *present],
             [_F32] * (6 if save else 3), stateful=False)
         _set_shapes(results, x.shape[:2], recurrent_kernel.shape[0])
         return results
@@ -70,16 +59,14 @@ def _cpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config):
     def fused(*args):
         results = run_forward(*args, save=config.training)
 
-        def grad(d_outputs, d_h_n, d_c_n):
+        def grad(*d_results):
             saved = results[3:] if config.training else run_forward(*args, save=True)[3:]
             x, kernel, bias, recurrent_kernel, h0, c0 = args
-            d_results = [_empty(3) if d_outputs is None else d_outputs,
-                         _empty(2) if d_h_n is None else d_h_n,
-                         _empty(2) if d_c_n is None else d_c_n]
+            d_given = tuple(d is not None for d in d_results)
             d_x, d_kernel, d_recurrent_kernel, d_bias, d_h0, d_c0 = tf.numpy_function(
-                functools.partial(_cpu_backward, config),
-                [x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, *saved,
-                 *d_results], [_F32] * 6, stateful=False)
+                functools.partial(_cpu_backward, config, given, d_given),
+                [x, kernel, recurrent_kernel, *present, *saved,
+                 *(d for d in d_results if d is not None)], [_F32] * 6, stateful=False)
             for grad_, like in ((d_x, x), (d_kernel, kernel), (d_recurrent_kernel,
                                 recurrent_kernel), (d_bias, bias), (d_h0, h0), (d_c0, c0)):
                 grad_.set_shape(like.shape)
@@ -90,35 +77,41 @@ def _cpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config):
     return fused(x, kernel, bias, recurrent_kernel, h0, c0)
 
 
-def _cpu_forward(config, save, x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
-                 recurrent_mask):
+def _cpu_forward(config, save, given, x, kernel, bias, recurrent_kernel, h0, c0, *masks):
     outputs, h_n, c_n, saved = kernels.forward(
-        x, kernel, bias, recurrent_kernel, h0, c0, none_if_empty(mask),
-        none_if_empty(input_mask), none_if_empty(recurrent_mask), config.activation,
-        config.recurrent_activation, config.zero_output_for_mask, save)
+        x, kernel, bias, recurrent_kernel, h0, c0, *_where_given(masks, given),
+        config.activation, config.recurrent_activation, config.zero_output_for_mask, save)
     return (outputs, h_n, c_n) + (tuple(saved) if save else ())
 
 
-def _cpu_backward(config, x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask,
-                  h_in, c_seq, gates, d_outputs, d_h_n, d_c_n):
+def _cpu_backward(config, given, d_given, x, kernel, recurrent_kernel, *arrays):
+    count = sum(given)
+    h_in, c_seq, gates = arrays[count:count + 3]
     N, T, H = h_in.shape
+    d_results = [np.zeros(shape, np.float32) if d is None else d
+                 for d, shape in zip(_where_given(arrays[count + 3:], d_given),
+                                     [(N, T, H), (N, H), (N, H)])]
     return kernels.backward(
-        x, kernel, recurrent_kernel, none_if_empty(mask), none_if_empty(input_mask),
-        none_if_empty(recurrent_mask), config.activation, config.recurrent_activation,
-        config.zero_output_for_mask, (h_in, c_seq, gates),
-        _zeros_if_empty(d_outputs, (N, T, H)), _zeros_if_empty(d_h_n, (N, H)),
-        _zeros_if_empty(d_c_n, (N, H)))
+        x, kernel, recurrent_kernel, *_where_given(arrays[:count], given), config.activation,
+        config.recurrent_activation, config.zero_output_for_mask, (h_in, c_seq, gates),
+        *d_results)
 
 
-def _zeros_if_empty(array, shape):
-    """Zeros of `shape` for the empty placeholder of a gradient TF left as None."""
-    return np.zeros(shape, np.float32) if array.shape != shape else array
+def _where_given(arrays, given):
+    """The optional arguments in order: the next of `arrays` where `given`, else None."""
+    arrays = iter(arrays)
+    return [next(arrays) if g else None for g in given]
 
 
 def _gpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config):
     """The GPU op: the projection and the weight gradients as TF matmuls
-    (`fusedlstm.backends.projection`) around the CUDA kernels' callbacks."""
+    (`fusedlstm.backends.projection`) around the CUDA kernels' callbacks.
+
+    A missing mask travels as an empty placeholder (`none_if_empty`)."""
     mask, input_mask, recurrent_mask = masks
+    mask = tf.zeros([0, 0], tf.bool) if mask is None else mask
+    input_mask = tf.zeros([0, 0, 0], _F32) if input_mask is None else input_mask
+    recurrent_mask = tf.zeros([0, 0, 0], _F32) if recurrent_mask is None else recurrent_mask
 
     def run_forward(x, kernel, bias, recurrent_kernel, h0, c0, save):
         xw = projection.input_projection(x, kernel, bias, none_if_empty(input_mask))

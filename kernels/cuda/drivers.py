@@ -4,14 +4,14 @@ The same arguments and results as `kernels.cpu.forward` and `backward`, plus
 launch options. They validate the inputs (`kernels.checks`, shared with the CPU
 drivers), move them to the device (`memory`), pick and launch the kernels
 (`launch`) and return the results. An empty batch (N=0) or sequence (T=0)
-launches nothing (a grid of no blocks is an error): the CPU drivers' empty
-results are moved to the device.
+launches nothing (a grid of no blocks is an error): its results, the CPU
+drivers' (empty arrays, the initial states as final ones), are made on the
+host and moved to the device.
 """
 
 import numpy as np
 from numba import cuda
 
-from .. import cpu
 from ..checks import check_backward, check_forward
 from .factory import kernels_for
 from .launch import check_launch_options, launch
@@ -69,9 +69,7 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
     stream = as_stream(stream)
     on_host = not is_device_array(xw)
     if N == 0 or T == 0:
-        outputs, h_n, c_n, saved = cpu.forward(
-            *_host((xw, recurrent_kernel, h0, c0, mask, recurrent_mask), stream),
-            activation, recurrent_activation, zero_output_for_mask, training)
+        outputs, h_n, c_n, saved = _empty_forward(*_host((h0, c0), stream), T, training)
         outputs, h_n, c_n = _placed((outputs, h_n, c_n), on_host, stream)
         return outputs, h_n, c_n, None if saved is None else _placed(saved, on_host, stream)
     f32 = np.float32
@@ -131,13 +129,9 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
     stream = as_stream(stream)
     on_host = not is_device_array(d_outputs)
     if N == 0 or T == 0:
-        h_in, c_seq, gates = _host(saved, stream)
-        results = cpu.backward(
-            *_host((recurrent_kernel, mask, recurrent_mask), stream), activation,
-            recurrent_activation, zero_output_for_mask,
-            (np.zeros((N, T, H), np.float32) if h_in is None else h_in, c_seq, gates),
-            *_host((d_outputs, d_h_n, d_c_n), stream))
-        return _placed(results, on_host, stream)
+        d_h0, d_c0 = _host((d_h_n, d_c_n), stream)
+        return _placed((np.zeros((N, T, 4 * H), np.float32), d_h0.copy(), d_c0.copy()),
+                       on_host, stream)
     f32 = np.float32
     _, c_seq, gates = saved
     recurrent_kernel = to_device(recurrent_kernel, "recurrent_kernel", (H, 4 * H), f32, stream)
@@ -163,6 +157,18 @@ def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activ
             single_block, step_launches)
     results = (swap_leading(d_xw, stream), d_h0, d_c0)
     return to_host(results, stream) if on_host else results
+
+
+def _empty_forward(h0, c0, T, training):
+    """The forward results of an empty batch or sequence (N=0 or T=0) on the host."""
+    N, H = h0.shape
+    f32 = np.float32
+    saved = None
+    if training:
+        c_seq = np.zeros((N, T + 1, H), f32)
+        c_seq[:, 0] = c0
+        saved = (np.zeros((N, T, H), f32), c_seq, np.zeros((N, T, 4 * H), f32))
+    return np.zeros((N, T, H), f32), h0.copy(), c0.copy(), saved
 
 
 def _host(arrays, stream):
