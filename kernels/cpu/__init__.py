@@ -77,9 +77,9 @@ _lock = threading.Lock()
 def forward(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask, recurrent_mask,
             activation, recurrent_activation, zero_output_for_mask, training, out=None):
     """The layer's forward pass, on the kernels when ready; see `fallback.forward`."""
-    implementation = _kernel_forward if kernels_ready(activation, recurrent_activation) \
-        else fallback.forward
-    calls[(_name(implementation, _kernel_forward), "forward")] += 1
+    on_kernels = kernels_ready(activation, recurrent_activation)
+    calls["kernels" if on_kernels else "fallback", "forward"] += 1
+    implementation = _kernel_forward if on_kernels else fallback.forward
     return implementation(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
                           recurrent_mask, activation, recurrent_activation,
                           zero_output_for_mask, training, out=out)
@@ -92,16 +92,12 @@ def backward(x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, acti
 
     `saved` may come from either implementation's forward: they save the same.
     """
-    implementation = _kernel_backward if kernels_ready(activation, recurrent_activation) \
-        else fallback.backward
-    calls[(_name(implementation, _kernel_backward), "backward")] += 1
+    on_kernels = kernels_ready(activation, recurrent_activation)
+    calls["kernels" if on_kernels else "fallback", "backward"] += 1
+    implementation = _kernel_backward if on_kernels else fallback.backward
     return implementation(x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask,
                           activation, recurrent_activation, zero_output_for_mask, saved,
                           d_outputs, d_h_n, d_c_n, out=out)
-
-
-def _name(implementation, kernel_implementation):
-    return "kernels" if implementation is kernel_implementation else "fallback"
 
 
 def kernels_ready(activation, recurrent_activation):

@@ -195,7 +195,8 @@ def _recurrent_grad(d_z, recurrent_kernel_t, recurrent_mask, dh):
     H = dh.shape[1]
     dh[...] = 0
     for g in range(4):
-        dh += (d_z[:, g * H:(g + 1) * H] @ recurrent_kernel_t[g * H:(g + 1) * H]) * recurrent_mask[g]
+        rows = slice(g * H, (g + 1) * H)
+        dh += (d_z[:, rows] @ recurrent_kernel_t[rows]) * recurrent_mask[g]
 
 
 def input_projection(x, kernel, bias, input_mask):
@@ -248,7 +249,7 @@ def weight_gradients(x, kernel, input_mask, recurrent_mask, h_in, d_xw, out=()):
 
 
 def _gate_weight_grad(inputs, masks, flat_d_xw, result):
-    """result [K, 4H] = per gate g, the sum over rows and steps of (inputs * masks[g]).T @ d_xw_g."""
+    """result [K, 4H]: per gate g, the sum over rows and steps of (inputs * masks[g]).T @ d_xw_g."""
     N, T, K = inputs.shape
     H = flat_d_xw.shape[1] // 4
     for g, gate_inputs in _gate_inputs(inputs, masks):
