@@ -326,11 +326,12 @@ def test_a_jitted_function_traced_on_the_fallback_switches_to_the_kernels(monkey
     compiles = GatedCompiles(monkeypatch)
     model, x = model_and_data()
     trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
 
     @jax.jit
     def loss_and_grads(trainable, x):
         def loss(trainable):
-            outputs, _ = model.stateless_call(trainable, [], x, training=True)
+            outputs, _ = model.stateless_call(trainable, non_trainable, x, training=True)
             return jax.numpy.sum(jax.numpy.sin(outputs))
         return jax.value_and_grad(loss)(trainable)
 
