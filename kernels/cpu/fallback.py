@@ -10,12 +10,19 @@ derivatives written on outputs); tanh is NumPy's rather than the kernels'
 rational approximation (2.6e-7 apart), inside the parity tolerance.
 
 Nothing here calls Numba: a compile in a background thread holds Numba's
-compiler lock, and this module must run while it does. `input_projection`
+compiler lock, and this module must run while it does. That compile keeps a
+core busy, so NumPy's BLAS runs on one thread here: its threads sync on
+every per-step product, and with a core taken each sync waits for the
+scheduler (the S2 forward pass, [32, 100, 64] -> 256 units, took 0.3-1.0 s on
+two threads of a loaded 2-core machine, 0.09 s on one). `input_projection`
 and `weight_gradients` also serve the drivers around a kernel that takes the
 projection.
 """
 
+import functools
+
 import numpy as np
+import threadpoolctl
 
 from ..checks import check_layer_backward, check_layer_forward
 from ..gates import HARD_SIGMOID, LINEAR, RELU, SIGMOID, SOFTSIGN, TANH
@@ -59,6 +66,21 @@ def _activation_grad(code, y):
     return np.ones_like(y)
 
 
+def _one_blas_thread(function):
+    """`function`, run with NumPy's BLAS on one thread (see the module docstring)."""
+    @functools.wraps(function)
+    def limited(*args, **kwargs):
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            return function(*args, **kwargs)
+    return limited
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_controller():
+    return threadpoolctl.ThreadpoolController()
+
+
+@_one_blas_thread
 def forward(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask, recurrent_mask,
             activation, recurrent_activation, zero_output_for_mask, training, out=None):
     """The layer's forward pass; arguments and results as `kernels.cpu.drivers.forward`.
@@ -119,6 +141,7 @@ def forward(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask, recurre
     return outputs, h_n, c_n, ((h_in, c_seq, gates) if training else None)
 
 
+@_one_blas_thread
 def backward(x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, activation,
              recurrent_activation, zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n,
              out=None):
