@@ -3,18 +3,21 @@
 `forward`, `backward` and `warm_up` as the whole-layer `drivers` will have
 them, with the projection and the weight gradients in NumPy
 (`fallback.input_projection`, `fallback.weight_gradients`) around today's
-kernels. Deleted when `drivers` takes x and the weights itself.
+kernels, with NumPy's BLAS on one thread as in `fallback` (two threads, one
+core busy elsewhere, ran the S1 training step 80x slower). Deleted when
+`drivers` takes x and the weights itself.
 """
 
 import numpy as np
 
 from ..checks import check_layer_backward, check_layer_forward
 from . import drivers
-from .fallback import input_projection, results_into, weight_gradients
+from .fallback import one_blas_thread, input_projection, results_into, weight_gradients
 
 warm_up = drivers.warm_up
 
 
+@one_blas_thread
 def forward(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask, recurrent_mask,
             activation, recurrent_activation, zero_output_for_mask, training, out=None):
     """See `fallback.forward`."""
@@ -25,6 +28,7 @@ def forward(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask, recurre
                            zero_output_for_mask, training, out=out)
 
 
+@one_blas_thread
 def backward(x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, activation,
              recurrent_activation, zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n,
              out=None):

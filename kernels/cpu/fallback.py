@@ -66,7 +66,7 @@ def _activation_grad(code, y):
     return np.ones_like(y)
 
 
-def _one_blas_thread(function):
+def one_blas_thread(function):
     """`function`, run with NumPy's BLAS on one thread (see the module docstring)."""
     @functools.wraps(function)
     def limited(*args, **kwargs):
@@ -80,7 +80,7 @@ def _blas_controller():
     return threadpoolctl.ThreadpoolController()
 
 
-@_one_blas_thread
+@one_blas_thread
 def forward(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask, recurrent_mask,
             activation, recurrent_activation, zero_output_for_mask, training, out=None):
     """The layer's forward pass; arguments and results as `kernels.cpu.drivers.forward`.
@@ -141,7 +141,7 @@ def forward(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask, recurre
     return outputs, h_n, c_n, ((h_in, c_seq, gates) if training else None)
 
 
-@_one_blas_thread
+@one_blas_thread
 def backward(x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, activation,
              recurrent_activation, zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n,
              out=None):
