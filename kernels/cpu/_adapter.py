@@ -12,7 +12,7 @@ import numpy as np
 
 from ..checks import check_layer_backward, check_layer_forward
 from . import drivers
-from .fallback import one_blas_thread, input_projection, results_into, weight_gradients
+from .fallback import input_projection, one_blas_thread, results_into, weight_gradients
 
 warm_up = drivers.warm_up
 
