@@ -10,7 +10,7 @@ setup(
     packages=["fusedlstm", "fusedlstm.backends", "fusedlstm.cli", "fusedlstm.testing",
               "fusedlstm.kernels", "fusedlstm.kernels.cpu", "fusedlstm.kernels.cuda"],
     package_dir={"fusedlstm": "fusedlstm", "fusedlstm.kernels": "kernels"},
-    install_requires=["keras>=3.14", "numba>=0.60", "numpy"],
+    install_requires=["keras>=3.14", "numba>=0.60", "numpy", "threadpoolctl"],
     extras_require={
         "tensorflow": ["tensorflow>=2.16"],
         "tensorflow-cpu": ["tensorflow-cpu>=2.16"],

@@ -23,9 +23,13 @@ class LSTM(keras.layers.LSTM):
     weights (`kernel` [C, 4H], `recurrent_kernel` [H, 4H], `bias` [4H], gates
     in the column order i, f, c, o), so `get_weights()` and checkpoints are
     interchangeable with the stock layer. Only the timestep recurrence
-    changes: the input projection runs as one matmul over all timesteps, and
-    the sequential part runs in a Numba kernel (`njit` on the CPU) with a
-    matching backward kernel for training.
+    changes: on the CPU one Numba kernel (`njit`) runs the whole layer, the
+    input projection, the recurrence and in training the weight gradients; on
+    a GPU the input projection runs as one matmul over all timesteps and the
+    sequential part in a CUDA kernel, with a matching backward kernel for
+    training. On first use on a machine, while the CPU kernels compile in a
+    background thread, the same op runs a NumPy implementation of the same
+    math (`fusedlstm.kernels.cpu`).
 
     The fused path is used when all of the following hold:
 
@@ -338,7 +342,8 @@ class LSTM(keras.layers.LSTM):
             recurrent_mask,
             config,
         )
-        last_output = outputs[:, -1]
+        # Without a mask the last output is h_n itself: no slice op on the hot path.
+        last_output = h if mask is None else outputs[:, -1]
         if not self.return_sequences:
             outputs = ops.expand_dims(last_output, 1)
         return last_output, outputs, [h, c]

@@ -1,9 +1,11 @@
 """The fused LSTM sequence op, dispatched to one module per Keras backend.
 
 Each backend module (`fusedlstm.backends.tensorflow`, `.torch`, `.jax`) exposes
-the same `lstm_sequence` op (`fusedlstm.backends.contract`). The framework
-computes the input projection for all timesteps in one matmul; the kernel runs
-only the sequential part (`fusedlstm.backends.projection` holds the math around it).
+the same `lstm_sequence` op (`fusedlstm.backends.contract`). On the CPU the op
+is one call per direction on the CPU drivers (`kernels.cpu`), which own the
+whole layer: the input projection, the recurrence and the weight gradients.
+On a GPU the framework computes the input projection and the weight gradients
+(`fusedlstm.backends.projection`) and the CUDA kernels the sequential part.
 
 Data flows one way: layer -> this dispatch -> one backend module -> kernels.
 

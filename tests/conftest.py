@@ -1,6 +1,9 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The tests test the compiled kernels: no NumPy stand-in while they compile
+# (tests/test_background_compile.py tests that, in processes of its own).
+os.environ.setdefault("FUSEDLSTM_COMPILE", "foreground")
 
 import pytest  # noqa: E402
 

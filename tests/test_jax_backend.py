@@ -56,8 +56,10 @@ def test_op_lowers_to_xla_custom_calls():
     args = op_arguments(np.random.default_rng(0))
     grad = jax.jit(jax.grad(lambda *diff: probe_loss([*diff, *args[6:]]), argnums=range(6)))
     hlo = grad.lower(*args[:6]).as_text()
-    assert "fusedlstm_lstm_forward" in hlo and "fusedlstm_lstm_backward" in hlo
+    assert "fusedlstm_layer_forward" in hlo and "fusedlstm_layer_backward" in hlo
     assert "callback" not in hlo
+    # The whole layer is in the calls: no projection or weight gradient around them.
+    assert "dot_general" not in hlo and "transpose" not in hlo
 
 
 def test_jit_and_grad_match_eager():
@@ -162,7 +164,7 @@ def test_a_failing_handler_raises_its_python_error():
     args = op_arguments(np.random.default_rng(7), masked=False)
     ops_jax._register_targets()
     shapes = [jax.ShapeDtypeStruct((6, 4, 5), jnp.float32)]
-    call = jax.ffi.ffi_call(ops_jax._FORWARD_TARGET, shapes, vmap_method="sequential")
+    call = jax.ffi.ffi_call(ops_jax._LAYER_FORWARD_TARGET, shapes, vmap_method="sequential")
     with pytest.raises(Exception, match="KeyError: 'activation'"):
-        jax.block_until_ready(call(*args[:4], jnp.zeros((0, 4), bool),
-                                   jnp.zeros((0, 0, 0), jnp.float32), save=np.int32(0)))
+        jax.block_until_ready(call(*args[:6], jnp.zeros((0, 4), bool),
+                                   *[jnp.zeros((0, 0, 0), jnp.float32)] * 2, save=np.int32(0)))

@@ -289,9 +289,9 @@ def test_first_compile_is_announced_once_then_cached_on_disk(tmp_path):
         from fusedlstm.kernels import cpu
         from fusedlstm.kernels.cpu import steps
         x, kernel = np.ones((1, 2, 3), np.float32), np.ones((3, 8), np.float32)
-        recurrent_kernel, state = np.ones((2, 8), np.float32), np.zeros((1, 2), np.float32)
-        args = (x, kernel, np.zeros(8, np.float32), recurrent_kernel, state, state, None, None,
-                None, 0, 1, False)
+        recurrent_kernel, bias = np.ones((2, 8), np.float32), np.zeros(8, np.float32)
+        state = np.zeros((1, 2), np.float32)
+        args = (x, kernel, bias, recurrent_kernel, state, state, None, None, None, 0, 1, False)
         outputs, h_n, c_n, saved = cpu.forward(*args, True)
         cpu.backward(x, kernel, recurrent_kernel, None, None, None, 0, 1, False, saved, outputs,
                      h_n, c_n)

@@ -23,6 +23,7 @@ from cuda.core.utils import StridedMemoryView
 from tensorflow.python.ops import script_ops
 
 from fusedlstm.backends import tensorflow as ops_tensorflow
+from fusedlstm.testing import projected as xw_kernels
 from helpers import make_pair, run_with_grads
 
 
@@ -30,9 +31,10 @@ from helpers import make_pair, run_with_grads
 def gpu_path_on_cpu(monkeypatch):
     """Routes the op through its GPU path with NumPy standing in for device memory.
 
-    Without a GPU, `select_kernels(data_on_gpu=True)` returns the CPU kernels,
-    whose drivers take and return NumPy arrays.
+    The CUDA drivers' stand-in is the CPU drivers behind their signatures
+    (`xw_kernels`), which take and return NumPy arrays.
     """
+    monkeypatch.setattr(ops_tensorflow, "select_kernels", lambda data_on_gpu: xw_kernels)
     monkeypatch.setattr(ops_tensorflow, "_uses_cuda_kernels", lambda tensor: True)
     monkeypatch.setattr(ops_tensorflow, "_numba_device_of",
                         lambda tensor: contextlib.nullcontext())

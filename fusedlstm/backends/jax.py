@@ -1,18 +1,22 @@
 """JAX glue: the fused LSTM sequence as XLA custom calls in a `jax.custom_vjp`.
 
-The projection, the inputs' gradient and the weight gradients run as JAX ops
-(`fusedlstm.backends.projection`). The recurrence runs in one CPU custom call
-(`jax.ffi.ffi_call`), its backward pass in another; their handlers
-(`fusedlstm.backends.xla_ffi`) hand XLA's buffers to the kernels' NumPy host drivers
-(batch-major arrays, as Keras holds them). So the op runs inside `jax.jit`,
+On the CPU kernels the whole layer runs in one CPU custom call
+(`jax.ffi.ffi_call`) and its backward pass in another: x, the weights and the
+masks in, the outputs and every gradient out. Their handlers
+(`fusedlstm.backends.xla_ffi`) hand XLA's buffers to the CPU drivers
+(`kernels.cpu`, batch-major arrays, as Keras holds them), which write the
+results into them. So the op runs inside `jax.jit`,
 `jax.grad`, `jax.vmap` (one call per batch element) and Keras's JAX trainer
 with XLA on. The forward call saves what the backward pass needs exactly when
 JAX differentiates it (`config.training` is not needed here). Under Keras's
 `DataParallel` distribution, each device runs the calls on its own rows.
 
-On a JAX GPU device (`FUSEDLSTM_KERNEL=cuda`, see `fusedlstm.layer`), the
-calls run as `jax.pure_callback`s: their operands go through the host, and the
-CUDA kernels' host drivers copy them to the GPU and back.
+On the CUDA kernels (`FUSEDLSTM_KERNEL=cuda`, see `fusedlstm.layer`), the
+projection, the inputs' gradient and the weight gradients run as JAX ops
+(`fusedlstm.backends.projection`) around calls of the recurrence alone; on a
+JAX GPU device the calls run as `jax.pure_callback`s: their operands go
+through the host, and the CUDA kernels' host drivers copy them to the GPU and
+back.
 """
 
 import functools
@@ -30,6 +34,8 @@ from fusedlstm.kernels.select import select_kernels
 
 _FORWARD_TARGET = "fusedlstm_lstm_forward"
 _BACKWARD_TARGET = "fusedlstm_lstm_backward"
+_LAYER_FORWARD_TARGET = "fusedlstm_layer_forward"
+_LAYER_BACKWARD_TARGET = "fusedlstm_layer_backward"
 _F32 = jnp.float32
 
 
@@ -90,6 +96,21 @@ def _fused_fwd(config, inputs, masks):
 
 def _fused_bwd(config, residuals, d_results):
     inputs, masks, saved = residuals
+    if _kernels() is cpu:
+        x, kernel, bias, recurrent_kernel, h0, c0 = inputs
+        grads = _call(_LAYER_BACKWARD_TARGET,
+                      [x.shape, kernel.shape, recurrent_kernel.shape, bias.shape, h0.shape,
+                       c0.shape], (x, kernel, recurrent_kernel, *masks, *saved, *d_results),
+                      _codes(config))
+        d_x, d_kernel, d_recurrent_kernel, d_bias, d_h0, d_c0 = grads
+        grads = (d_x, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0)
+    else:
+        grads = _projected_gradients(config, inputs, masks, saved, d_results)
+    return grads, _zero_cotangents(masks)
+
+
+def _projected_gradients(config, inputs, masks, saved, d_results):
+    """The CUDA kernels' backward call, then the weight gradients as JAX ops."""
     x, kernel, _, recurrent_kernel, _, _ = inputs
     mask, input_mask, recurrent_mask = masks
     d_xw, d_h0, d_c0 = _call(_BACKWARD_TARGET, [saved[2].shape, d_results[1].shape,
@@ -97,11 +118,10 @@ def _fused_bwd(config, residuals, d_results):
                              (recurrent_kernel, mask, recurrent_mask, *saved, *d_results),
                              _codes(config))
     input_mask = none_if_empty(input_mask)
-    grads = (projection.input_grad(d_xw, kernel, input_mask),
-             projection.gate_weight_grad(x, d_xw, input_mask), jnp.sum(d_xw, (0, 1)),
-             projection.gate_weight_grad(saved[0], d_xw, none_if_empty(recurrent_mask)),
-             d_h0, d_c0)
-    return grads, _zero_cotangents(masks)
+    return (projection.input_grad(d_xw, kernel, input_mask),
+            projection.gate_weight_grad(x, d_xw, input_mask), jnp.sum(d_xw, (0, 1)),
+            projection.gate_weight_grad(saved[0], d_xw, none_if_empty(recurrent_mask)),
+            d_h0, d_c0)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -111,15 +131,18 @@ def _forward(config, inputs, masks, save):
     """`[outputs, h_n, c_n]`, then `[h_in, c_seq, gates]` when `save` (batch-major,
     as `kernels.cpu.forward`)."""
     x, kernel, bias, recurrent_kernel, h0, c0 = inputs
-    mask, input_mask, recurrent_mask = masks
-    xw = projection.input_projection(x, kernel, bias, none_if_empty(input_mask))
     batch, steps, units = x.shape[0], x.shape[1], recurrent_kernel.shape[0]
     shapes = [(batch, steps, units), (batch, units), (batch, units)]
     if save:
         shapes += [(batch, steps, units), (batch, steps + 1, units),
                    (batch, steps, 4 * units)]
+    attrs = dict(_codes(config), save=save)
+    if _kernels() is cpu:
+        return _call(_LAYER_FORWARD_TARGET, shapes, (*inputs, *masks), attrs)
+    mask, input_mask, recurrent_mask = masks
+    xw = projection.input_projection(x, kernel, bias, none_if_empty(input_mask))
     return _call(_FORWARD_TARGET, shapes, (xw, recurrent_kernel, h0, c0, mask, recurrent_mask),
-                 dict(_codes(config), save=save))
+                 attrs)
 
 
 def _call(target, shapes, args, attrs):
@@ -148,26 +171,47 @@ def _on_cpu(array):
 
 
 def _forward_handler(args, results, attrs):
+    """The recurrence alone on the CUDA kernels' host drivers, copied into XLA's buffers."""
     xw, recurrent_kernel, h0, c0, mask, recurrent_mask = args
     save = bool(attrs["save"])
-    kernels = _kernels()
-    outputs, h_n, c_n, saved = kernels.forward(
+    outputs, h_n, c_n, saved = _kernels().forward(
         xw, recurrent_kernel, h0, c0, none_if_empty(mask), none_if_empty(recurrent_mask),
         attrs["activation"], attrs["recurrent_activation"],
-        bool(attrs["zero_output_for_mask"]), save, **_into(kernels, results))
+        bool(attrs["zero_output_for_mask"]), save)
     _write(results, (outputs, h_n, c_n, *(saved if save else ())))
 
 
 def _backward_handler(args, results, attrs):
+    """The recurrence's backward pass on the CUDA kernels' host drivers."""
     recurrent_kernel, mask, recurrent_mask, h_in, c_seq, gates, *d_results = args
-    kernels = _kernels()
-    _write(results, kernels.backward(
+    _write(results, _kernels().backward(
         recurrent_kernel, none_if_empty(mask), none_if_empty(recurrent_mask),
         attrs["activation"], attrs["recurrent_activation"], bool(attrs["zero_output_for_mask"]),
-        (h_in, c_seq, gates), *d_results, **_into(kernels, results)))
+        (h_in, c_seq, gates), *d_results))
 
 
-_HANDLERS = {_FORWARD_TARGET: _forward_handler, _BACKWARD_TARGET: _backward_handler}
+def _layer_forward_handler(args, results, attrs):
+    """The whole layer's forward pass on the CPU drivers, into XLA's buffers."""
+    *inputs, mask, input_mask, recurrent_mask = args
+    save = bool(attrs["save"])
+    cpu.forward(*inputs, none_if_empty(mask), none_if_empty(input_mask),
+                none_if_empty(recurrent_mask), attrs["activation"],
+                attrs["recurrent_activation"], bool(attrs["zero_output_for_mask"]), save,
+                out=results)
+
+
+def _layer_backward_handler(args, results, attrs):
+    """Every gradient of the whole layer on the CPU drivers, into XLA's buffers."""
+    x, kernel, recurrent_kernel, mask, input_mask, recurrent_mask, *saved_and_d = args
+    cpu.backward(x, kernel, recurrent_kernel, none_if_empty(mask), none_if_empty(input_mask),
+                 none_if_empty(recurrent_mask), attrs["activation"],
+                 attrs["recurrent_activation"], bool(attrs["zero_output_for_mask"]),
+                 tuple(saved_and_d[:3]), *saved_and_d[3:], out=results)
+
+
+_HANDLERS = {_FORWARD_TARGET: _forward_handler, _BACKWARD_TARGET: _backward_handler,
+             _LAYER_FORWARD_TARGET: _layer_forward_handler,
+             _LAYER_BACKWARD_TARGET: _layer_backward_handler}
 
 
 def _register_targets():
@@ -180,16 +224,10 @@ def _kernels():
     return select_kernels(data_on_gpu=False)
 
 
-def _into(kernels, results):
-    """XLA's own result buffers, for the CPU kernels to write into (no copy after)."""
-    return {"out": results} if kernels is cpu else {}
-
-
 def _write(results, arrays):
-    """Copies into XLA's result buffers the results not already written there."""
+    """Copies the results into XLA's result buffers."""
     for result, array in zip(results, arrays, strict=True):
-        if array is not result:
-            np.copyto(result, array)
+        np.copyto(result, array)
 
 
 def _codes(config):

@@ -1,12 +1,14 @@
 """TensorFlow glue: the fused LSTM sequence as a `tf.custom_gradient` op.
 
-The projection, the inputs' gradient and the weight gradients run as TF
-matmuls (`fusedlstm.backends.projection`). On the CPU, the recurrence and its backward
-pass run in `tf.numpy_function` callbacks on the CPU kernels, whose NumPy host
-drivers allocate the outputs. On a GPU, they run on the CUDA kernels in
-`tf.py_function` callbacks, whose GPU kernel hands them the GPU tensors as they
-are. When the forward pass ran without saving (inference), a gradient request
-recomputes it with saving.
+On the CPU, the whole layer runs in one `tf.numpy_function` callback per
+direction on the CPU drivers (`kernels.cpu`: x, the weights and the masks in;
+the outputs, and in the backward callback every gradient, out), whose NumPy
+host drivers allocate the results: no TF matmul, transpose or copy around
+them. On a GPU, the projection, the inputs' gradient and the weight gradients
+run as TF matmuls (`fusedlstm.backends.projection`) and the recurrence on the
+CUDA kernels in `tf.py_function` callbacks, whose GPU kernel hands them the
+GPU tensors as they are. When the forward pass ran without saving
+(inference), a gradient request recomputes it with saving.
 """
 
 import contextlib
@@ -28,22 +30,95 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
     """See `fusedlstm.ops.lstm_sequence`."""
     x, kernel, bias, recurrent_kernel, h0, c0 = (
         tf.convert_to_tensor(t, _F32) for t in (x, kernel, bias, recurrent_kernel, h0, c0))
-    mask = tf.zeros([0, 0], tf.bool) if mask is None else tf.cast(mask, tf.bool)
+    masks = (None if mask is None else tf.cast(mask, tf.bool), input_mask, recurrent_mask)
+    if _uses_cuda_kernels(x):
+        return _gpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config)
+    return _cpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config)
+
+
+def _cpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config):
+    """The CPU op: one callback per direction on the whole-layer drivers (`kernels.cpu`).
+
+    x, the weights and the masks go in as they are; the backward callback
+    returns every gradient. A missing mask, or a gradient TF leaves as None,
+    is no input at all (each TF tensor made costs an eager op): the callbacks
+    are told which are there.
+    """
+    given = tuple(m is not None for m in masks)
+    present = [m for m in masks if m is not None]
+
+    def run_forward(x, kernel, bias, recurrent_kernel, h0, c0, save):
+        results = tf.numpy_function(
+            functools.partial(_cpu_forward, config, save, given),
+            [x, kernel, bias, recurrent_kernel, h0, c0, *present],
+            [_F32] * (6 if save else 3), stateful=False)
+        _set_shapes(results, x.shape[:2], recurrent_kernel.shape[0])
+        return results
+
+    @tf.custom_gradient
+    def fused(*args):
+        results = run_forward(*args, save=config.training)
+
+        def grad(*d_results):
+            saved = results[3:] if config.training else run_forward(*args, save=True)[3:]
+            x, kernel, bias, recurrent_kernel, h0, c0 = args
+            d_given = tuple(d is not None for d in d_results)
+            d_x, d_kernel, d_recurrent_kernel, d_bias, d_h0, d_c0 = tf.numpy_function(
+                functools.partial(_cpu_backward, config, given, d_given),
+                [x, kernel, recurrent_kernel, *present, *saved,
+                 *(d for d in d_results if d is not None)], [_F32] * 6, stateful=False)
+            for grad_, like in ((d_x, x), (d_kernel, kernel), (d_recurrent_kernel,
+                                recurrent_kernel), (d_bias, bias), (d_h0, h0), (d_c0, c0)):
+                grad_.set_shape(like.shape)
+            return d_x, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0
+
+        return tuple(results[:3]), grad
+
+    return fused(x, kernel, bias, recurrent_kernel, h0, c0)
+
+
+def _cpu_forward(config, save, given, x, kernel, bias, recurrent_kernel, h0, c0, *masks):
+    outputs, h_n, c_n, saved = kernels.forward(
+        x, kernel, bias, recurrent_kernel, h0, c0, *_where_given(masks, given),
+        config.activation, config.recurrent_activation, config.zero_output_for_mask, save)
+    return (outputs, h_n, c_n) + (tuple(saved) if save else ())
+
+
+def _cpu_backward(config, given, d_given, x, kernel, recurrent_kernel, *arrays):
+    count = sum(given)
+    h_in, c_seq, gates = arrays[count:count + 3]
+    N, T, H = h_in.shape
+    d_results = [np.zeros(shape, np.float32) if d is None else d
+                 for d, shape in zip(_where_given(arrays[count + 3:], d_given),
+                                     [(N, T, H), (N, H), (N, H)])]
+    return kernels.backward(
+        x, kernel, recurrent_kernel, *_where_given(arrays[:count], given), config.activation,
+        config.recurrent_activation, config.zero_output_for_mask, (h_in, c_seq, gates),
+        *d_results)
+
+
+def _where_given(arrays, given):
+    """The optional arguments in order: the next of `arrays` where `given`, else None."""
+    arrays = iter(arrays)
+    return [next(arrays) if g else None for g in given]
+
+
+def _gpu_sequence(x, kernel, bias, recurrent_kernel, h0, c0, masks, config):
+    """The GPU op: the projection and the weight gradients as TF matmuls
+    (`fusedlstm.backends.projection`) around the CUDA kernels' callbacks.
+
+    A missing mask travels as an empty placeholder (`none_if_empty`)."""
+    mask, input_mask, recurrent_mask = masks
+    mask = tf.zeros([0, 0], tf.bool) if mask is None else mask
     input_mask = tf.zeros([0, 0, 0], _F32) if input_mask is None else input_mask
     recurrent_mask = tf.zeros([0, 0, 0], _F32) if recurrent_mask is None else recurrent_mask
-    on_gpu = _uses_cuda_kernels(x)
 
     def run_forward(x, kernel, bias, recurrent_kernel, h0, c0, save):
         xw = projection.input_projection(x, kernel, bias, none_if_empty(input_mask))
         inputs = [xw, recurrent_kernel, h0, c0, mask, recurrent_mask]
-        count = 6 if save else 3
-        if on_gpu:
-            results = _gpu_call(functools.partial(_gpu_forward, config, save), inputs, count)
-        else:
-            results = tf.numpy_function(
-                functools.partial(_forward, config, save), inputs, [_F32] * count,
-                stateful=False)
-        _set_shapes(results, xw.shape, recurrent_kernel.shape[0])
+        results = _gpu_call(functools.partial(_gpu_forward, config, save), inputs,
+                            6 if save else 3)
+        _set_shapes(results, xw.shape[:2], recurrent_kernel.shape[0])
         return results
 
     @tf.custom_gradient
@@ -56,13 +131,8 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
             d_results = [_zeros_if_none(d_outputs, results[0]),
                          _zeros_if_none(d_h_n, h0), _zeros_if_none(d_c_n, c0)]
             backward_inputs = [recurrent_kernel, mask, recurrent_mask, *saved, *d_results]
-            if on_gpu:
-                d_xw, d_h0, d_c0 = _gpu_call(
-                    functools.partial(_gpu_backward, config), backward_inputs, 3)
-            else:
-                d_xw, d_h0, d_c0 = tf.numpy_function(
-                    functools.partial(_backward, config), backward_inputs, [_F32] * 3,
-                    stateful=False)
+            d_xw, d_h0, d_c0 = _gpu_call(
+                functools.partial(_gpu_backward, config), backward_inputs, 3)
             d_xw.set_shape(saved[2].shape)
             d_h0.set_shape(h0.shape)
             d_c0.set_shape(c0.shape)
@@ -76,21 +146,6 @@ def lstm_sequence(x, kernel, bias, recurrent_kernel, h0, c0, mask, input_mask,
         return tuple(results[:3]), grad
 
     return fused(x, kernel, bias, recurrent_kernel, h0, c0)
-
-
-def _forward(config, save, xw, recurrent_kernel, h0, c0, mask, recurrent_mask):
-    outputs, h_n, c_n, saved = kernels.forward(
-        xw, recurrent_kernel, h0, c0, none_if_empty(mask), none_if_empty(recurrent_mask),
-        config.activation, config.recurrent_activation, config.zero_output_for_mask, save)
-    return (outputs, h_n, c_n) + (tuple(saved) if save else ())
-
-
-def _backward(config, recurrent_kernel, mask, recurrent_mask, h_in, c_seq, gates,
-              d_outputs, d_h_n, d_c_n):
-    return kernels.backward(
-        recurrent_kernel, none_if_empty(mask), none_if_empty(recurrent_mask),
-        config.activation, config.recurrent_activation, config.zero_output_for_mask,
-        (h_in, c_seq, gates), d_outputs, d_h_n, d_c_n)
 
 
 def _uses_cuda_kernels(tensor):
@@ -218,9 +273,9 @@ def _zeros_if_none(grad, like):
     return tf.zeros_like(like) if grad is None else grad
 
 
-def _set_shapes(results, xw_shape, units):
+def _set_shapes(results, batch_and_steps, units):
     """Static shapes of the callback's results: batch-major, as `kernels.cpu.forward`."""
-    batch, steps = xw_shape[0], xw_shape[1]
+    batch, steps = batch_and_steps
     state = tf.TensorShape([batch, units])
     shapes = [tf.TensorShape([batch, steps, units]), state, state]
     if len(results) == 6:

@@ -1,10 +1,12 @@
 """PyTorch glue: the fused LSTM sequence as a `torch.autograd.Function`.
 
-CPU tensors reach the `njit` kernels as NumPy views that share their memory.
-CUDA tensors reach the CUDA kernels as they are (CUDA array interface),
-launched on PyTorch's current stream so that nothing waits on the host. The
-projection, the inputs' gradient and the weight gradients run as PyTorch
-matmuls (`fusedlstm.backends.projection`) on either device.
+CPU tensors reach the CPU drivers (`kernels.cpu`) as NumPy views that share
+their memory: one call per direction runs the whole layer (x, the weights and
+the masks in; the outputs, and backward every gradient, out), with no PyTorch
+op around it. CUDA tensors reach the CUDA kernels as they are (CUDA array
+interface), launched on PyTorch's current stream so that nothing waits on the
+host; there the projection, the inputs' gradient and the weight gradients run
+as PyTorch matmuls (`fusedlstm.backends.projection`).
 
 Keras first calls layers on "meta" tensors to infer shapes: those calls get
 empty meta outputs and run no kernel. When the forward pass ran without saving
@@ -17,6 +19,7 @@ The op has no second-order gradient: a backward pass with `create_graph=True`
 
 import contextlib
 
+import numpy as np
 import torch
 
 from fusedlstm.backends import projection
@@ -42,6 +45,7 @@ class _FusedLSTM(torch.autograd.Function):
         inputs = (x, kernel, bias, recurrent_kernel, h0, c0)
         masks = (mask, input_mask, recurrent_mask)
         outputs, h_n, c_n, saved = _forward(inputs, masks, config, config.training)
+        ctx.set_materialize_grads(False)  # None gradients become zeros in NumPy
         ctx.config = config
         ctx.save_for_backward(*inputs, *masks, *(saved or ()))
         return outputs, h_n, c_n
@@ -65,37 +69,70 @@ class _FusedLSTM(torch.autograd.Function):
 
 
 def _forward(inputs, masks, config, save):
-    """Projects and runs the forward kernel.
-
-    Returns:
-        `(outputs, h_n, c_n, saved)` as tensors on the inputs' device, with
-        `saved = (h_seq, c_seq, gates)` when `save`, else None.
-    """
-    x, kernel, bias, recurrent_kernel, h0, c0 = inputs
-    mask, input_mask, recurrent_mask = masks
-    xw = projection.input_projection(x, kernel, bias, input_mask)
-    kernels = _kernels_for(x)
-    with _launch_on(kernels, x.device) as options:
-        outputs, h_n, c_n, saved = kernels.forward(
-            *_kernel_arrays(kernels, xw, recurrent_kernel, h0, c0, mask, recurrent_mask),
-            config.activation, config.recurrent_activation, config.zero_output_for_mask, save,
-            **options)
-    outputs, h_n, c_n = _to_torch((outputs, h_n, c_n), x.device)
-    return outputs, h_n, c_n, (_to_torch(saved, x.device) if save else None)
+    """Runs the forward kernel: `(outputs, h_n, c_n, saved)` as tensors on the
+    inputs' device, with `saved = (h_in, c_seq, gates)` when `save`, else None."""
+    device = inputs[0].device
+    if _kernels_for(inputs[0]) is cpu:
+        results = cpu.forward(*_numpy(*inputs, *masks), *_codes(config), save)
+        return (*_to_torch(results[:3], device), _to_torch(results[3], device) if save else None)
+    return _cuda_forward(inputs, masks, config, save)
 
 
 def _gradients(inputs, masks, config, saved, d_results):
     """`(d_x, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0)` as tensors."""
-    x, kernel, _, recurrent_kernel, _, _ = inputs
+    x, kernel, _, recurrent_kernel, h0, _ = inputs
+    if _kernels_for(x) is cpu:
+        d_results = [np.zeros(like.shape, np.float32) if d is None else d
+                     for d, like in zip(_numpy(*d_results), (saved[0], h0, h0))]
+        d_x, d_kernel, d_recurrent_kernel, d_bias, d_h0, d_c0 = _to_torch(cpu.backward(
+            *_numpy(x, kernel, recurrent_kernel, *masks), *_codes(config),
+            tuple(_numpy(*saved)), *d_results), x.device)
+        return d_x, d_kernel, d_bias, d_recurrent_kernel, d_h0, d_c0
+    return _cuda_gradients(inputs, masks, config, saved, d_results)
+
+
+def _codes(config):
+    return config.activation, config.recurrent_activation, config.zero_output_for_mask
+
+
+def _numpy(*tensors):
+    """NumPy views of CPU tensors (None stays None): what the CPU drivers take.
+
+    Tensors that require grad refuse NumPy export: detached first. The
+    drivers take dense arrays (`kernels.checks`): broadcast states and
+    expanded gradients are copied, and so are CUDA tensors where the CUDA
+    kernels cannot run.
+    """
+    return [None if t is None else t.detach().cpu().contiguous().numpy() for t in tensors]
+
+
+def _cuda_forward(inputs, masks, config, save):
+    """Projects in PyTorch and runs the forward CUDA kernel."""
+    x, kernel, bias, recurrent_kernel, h0, c0 = inputs
     mask, input_mask, recurrent_mask = masks
-    codes = (config.activation, config.recurrent_activation, config.zero_output_for_mask)
+    xw = projection.input_projection(x, kernel, bias, input_mask)
+    kernels = _kernels_for(x)
+    with _launch_on(x.device) as options:
+        outputs, h_n, c_n, saved = kernels.forward(
+            *_cuda_arrays(xw, recurrent_kernel, h0, c0, mask, recurrent_mask),
+            *_codes(config), save, **options)
+    outputs, h_n, c_n = _to_torch((outputs, h_n, c_n), x.device)
+    return outputs, h_n, c_n, (_to_torch(saved, x.device) if save else None)
+
+
+def _cuda_gradients(inputs, masks, config, saved, d_results):
+    """The backward CUDA kernel, then the weight gradients in PyTorch."""
+    x, kernel, _, recurrent_kernel, h0, _ = inputs
+    mask, input_mask, recurrent_mask = masks
+    d_results = [torch.zeros_like(like) if d is None else d
+                 for d, like in zip(d_results, (saved[0], h0, h0))]
     h_in, c_seq, gates = saved
     kernels = _kernels_for(x)
-    with _launch_on(kernels, x.device) as options:
+    with _launch_on(x.device) as options:
         results = kernels.backward(
-            *_kernel_arrays(kernels, recurrent_kernel, mask, recurrent_mask), *codes,
-            tuple(_kernel_arrays(kernels, h_in, c_seq, gates)),
-            *_kernel_arrays(kernels, *d_results), **options)
+            *_cuda_arrays(recurrent_kernel, mask, recurrent_mask), *_codes(config),
+            tuple(_cuda_arrays(h_in, c_seq, gates)),
+            *_cuda_arrays(*d_results), **options)
     d_xw, d_h0, d_c0 = _to_torch(results, x.device)
     return (projection.input_grad(d_xw, kernel, input_mask),
             projection.gate_weight_grad(x, d_xw, input_mask), d_xw.sum((0, 1)),
@@ -106,15 +143,11 @@ def _kernels_for(tensor):
     return select_kernels(tensor.device.type == "cuda")
 
 
-def _kernel_arrays(kernels, *tensors):
-    """What `kernels` takes: NumPy views for the CPU kernels, else device tensors.
+def _cuda_arrays(*tensors):
+    """What the CUDA kernels take: device tensors, or NumPy views of CPU tensors.
 
-    Tensors that require grad refuse NumPy and CUDA-array export: detach them.
-    The kernels take dense arrays (`kernels.checks`): broadcast states and
-    expanded gradients are copied.
+    Tensors that require grad refuse CUDA-array export: detach them.
     """
-    if kernels is cpu:
-        return [None if t is None else t.detach().cpu().contiguous().numpy() for t in tensors]
     return [None if t is None else _device_or_numpy(t.detach()) for t in tensors]
 
 
@@ -123,13 +156,13 @@ def _device_or_numpy(tensor):
 
 
 @contextlib.contextmanager
-def _launch_on(kernels, device):
+def _launch_on(device):
     """Yields the kernels' launch options for tensors on `device`.
 
     CUDA kernels launch on the tensors' GPU (Numba launches on its current
     device) and on PyTorch's current stream there, so no host sync is needed.
     """
-    if kernels is cpu or device.type != "cuda":
+    if device.type != "cuda":
         yield {}
         return
     from numba import cuda

@@ -310,14 +310,31 @@ def _arrays(buffers):
     return [_as_numpy(buffers.buffers[i].contents) for i in range(buffers.size)]
 
 
+# Views made so far, by (address, dtype code, shape): XLA hands the same buffers
+# to call after call, and a view costs microseconds to make. A view is looked up
+# only for a buffer XLA is passing now, so it always covers live memory.
+_VIEWS = {}
+_MAX_VIEWS = 4096
+
+
 def _as_numpy(buffer):
     """A writable NumPy view of one XLA buffer (dense, row-major)."""
-    dtype = np.dtype(_DTYPES[buffer.dtype])
     shape = tuple(buffer.dims[d] for d in range(buffer.rank))
+    key = (buffer.data, buffer.dtype, shape)
+    view = _VIEWS.get(key)
+    if view is None:
+        view = _new_view(buffer.data, np.dtype(_DTYPES[buffer.dtype]), shape)
+        if len(_VIEWS) >= _MAX_VIEWS:
+            _VIEWS.clear()
+        _VIEWS[key] = view
+    return view
+
+
+def _new_view(address, dtype, shape):
     size = int(np.prod(shape, dtype=np.int64))
     if size == 0:
         return np.empty(shape, dtype)
-    memory = (ctypes.c_char * (size * dtype.itemsize)).from_address(buffer.data)
+    memory = (ctypes.c_char * (size * dtype.itemsize)).from_address(address)
     return np.frombuffer(memory, dtype).reshape(shape)
 
 

@@ -27,10 +27,17 @@ def forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, activation,
 
 def backward(recurrent_kernel, mask, recurrent_mask, activation, recurrent_activation,
              zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n):
-    """`cpu.backward` of `forward`: `(d_xw [N, T, 4H], d_h0, d_c0)`."""
+    """`cpu.backward` of `forward`: `(d_xw [N, T, 4H], d_h0, d_c0)`.
+
+    The weight gradients are not returned: the inputs are zeros, and so is
+    `h_in` where `saved` has none (the CUDA drivers do not read it).
+    """
     identity, _ = _identity(recurrent_kernel)
     N, T, H = np.shape(d_outputs)
-    inputs = np.zeros((N, T, 4 * H), np.float32)  # read only by the weight gradients
+    inputs = np.zeros((N, T, 4 * H), np.float32)
+    h_in, c_seq, gates = saved
+    if h_in is None:
+        saved = (np.zeros((N, T, H), np.float32), c_seq, gates)
     d_xw, _, _, _, d_h0, d_c0 = cpu.backward(
         inputs, identity, recurrent_kernel, mask, None, recurrent_mask, activation,
         recurrent_activation, zero_output_for_mask, saved, d_outputs, d_h_n, d_c_n)
