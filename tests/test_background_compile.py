@@ -167,7 +167,7 @@ def test_fallback_writes_into_out_and_checks_it():
 
 def test_fallback_raises_the_kernels_value_errors():
     p = problem("masked", (5, 7, 4, 3))
-    with pytest.raises(ValueError, match=r"`kernel` of shape \[C, 4H\] with C=4"):
+    with pytest.raises(ValueError, match=r"`kernel` of shape \[C, 4H\] = \(4, 12\)"):
         fallback.forward(p["x"], p["kernel"][1:], p["bias"], p["recurrent_kernel"], p["h0"],
                          p["c0"], None, None, None, TANH, SIGMOID, False, False)
     with pytest.raises(ValueError, match="`mask` of shape"):
