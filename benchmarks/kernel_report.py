@@ -14,6 +14,7 @@ benchmark: the kernel time in both tables is the breakdown's `kernel` median.
 
 import json
 import os
+import tempfile
 
 import machine
 from suite import benchmarks, floor_ms, machine_facts, peak_sgemm, run_suite, runner_arguments
@@ -147,12 +148,13 @@ def peak_markdown(peak):
 
 def main():
     args = runner_arguments(__doc__)
+    raw = tempfile.mkdtemp(prefix="fusedlstm-kernel-report-raw-")
     runs = {
         "fusedlstm": run_suite(["test_cpu_breakdown.py", "test_cpu_gemm.py"], "fusedlstm",
-                               os.path.join(args.out, "raw-kernel-report-fusedlstm.json"),
-                               args.select, keras_backend="tensorflow"),
-        "torch": run_suite(["test_cpu_gemm.py"], "torch",
-                           os.path.join(args.out, "raw-kernel-report-torch.json"), args.select),
+                               os.path.join(raw, "fusedlstm.json"), args.select,
+                               keras_backend="tensorflow"),
+        "torch": run_suite(["test_cpu_gemm.py"], "torch", os.path.join(raw, "torch.json"),
+                           args.select, keras_backend="torch"),
     }
     facts = machine_facts(runs)
     peak = peak_sgemm(runs.values())

@@ -144,6 +144,10 @@ def _ms(value):
     return "-" if value is None else f"{value:.2f}"
 
 
+def _ms3(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _x(value):
     return "-" if value is None else f"{value:.2f}x"
 
@@ -158,7 +162,7 @@ def tensorflow_table(table, floors):
             continue
         floor = floors[key]
         lines.append("| " + " | ".join([
-            *key, _ms(floor), _ms(row.get(fused)), _ms(row.get("tensorflow/keras")),
+            *key, _ms3(floor), _ms(row.get(fused)), _ms(row.get("tensorflow/keras")),
             _ms(row.get("torch.nn.LSTM")), _ms(row.get("onnxruntime")),
             _x(row[fused] / floor if fused in row and floor else None),
             _x(ratio(row, fused, "tensorflow/keras")), _x(ratio(row, fused, "torch.nn.LSTM")),

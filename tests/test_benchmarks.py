@@ -179,7 +179,7 @@ def test_cpu_tables_judge_each_target():
     other = next(line for line in markdown.splitlines() if line.startswith("| S1 | fwd | 0.90"))
     assert "missed: JAX: fused / stock 0.70 > 0.67" in other
     floor = cases.layer_flops(cases.SHAPES["S1"], "fwd") / 200e9 * 1e3  # torch peak 200
-    assert f"| {floor:.2f} | 0.60 |" in s1
+    assert f"| {floor:.3f} | 0.60 |" in s1
 
 
 def test_cpu_result_file_and_readme_table(tmp_path):
