@@ -30,11 +30,11 @@ def breakdown_rows(runs, peak):
     layer spends outside them, and the kernels' rate against the peak."""
     parts = {}
     for info, stats in benchmarks(runs, "breakdown"):
-        name = info["part"] + ("/1" if info.get("threads") == 1 else "")
+        name = info["part"] + ("/1" if info.get("threads") == "1thread" else "")
         entry = parts.setdefault((info["shape"], info["mode"]), {"flops": info["flops"]})
         entry[name] = stats["median"] * 1e3
-        if info["part"] == "kernel" and info["threads"] != 1:
-            entry["kernel_threads"] = info["threads"]
+        if info.get("threads") == "all_threads":
+            entry["kernel_threads"] = info["thread_count"]
     rows = []
     for (shape, mode), p in sorted(parts.items()):
         row = {"shape": shape, "mode": mode, "flops": p["flops"],

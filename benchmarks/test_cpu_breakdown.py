@@ -86,7 +86,7 @@ def test_kernel(benchmark, problem, mode, threads):
     set_thread_count(THREADS[threads])
     try:
         run = p.train_step if mode == "train" else lambda: p.forward(training=False)
-        part(benchmark, shape, mode, "kernel", run, threads=thread_count())
+        part(benchmark, shape, mode, "kernel", run, threads=threads, thread_count=thread_count())
     finally:
         set_thread_count(None)
 

@@ -119,11 +119,11 @@ def test_breakdown_parts_come_from_one_benchmark_each():
         info = {"kind": "breakdown", "shape": "S2", "mode": "fwd", "part": name,
                 "flops": flops}
         if threads:
-            info["threads"] = threads
+            info.update(threads=threads, thread_count=2 if threads == "all_threads" else 1)
         return info, seconds
 
-    runs = [benchmark_json([part("layer", 10.2e-3), part("kernel", 10e-3, threads=2),
-                            part("kernel", 19e-3, threads=1), part("outside_kernel", 80e-6),
+    runs = [benchmark_json([part("layer", 10.2e-3), part("kernel", 10e-3, "all_threads"),
+                            part("kernel", 19e-3, "1thread"), part("outside_kernel", 80e-6),
                             peak_entry("numpy", 4e-3)]),
             benchmark_json([peak_entry("torch", 5e-3)])]
     peak = kernel_report.peak_sgemm(runs)
@@ -132,7 +132,7 @@ def test_breakdown_parts_come_from_one_benchmark_each():
     assert row["outside_kernel_us"] == pytest.approx(80)
     assert row["parts_over_layer"] == pytest.approx((10e-3 + 80e-6) / 10.2e-3)
     assert row["kernel_gflops"] == pytest.approx(flops / 10e-3 / 1e9)
-    assert row["kernel_1thread_ms"] == pytest.approx(19)
+    assert row["kernel_1thread_ms"] == pytest.approx(19) and row["kernel_threads"] == 2
     assert row["floor_ms"] == pytest.approx(flops / 500e9 * 1e3)
     markdown = kernel_report.breakdown_markdown([row])
     assert "missed by 30 us" in markdown and "| 10.00 | 80 |" in markdown
