@@ -9,14 +9,13 @@ all and writes the comparison. Groups are `shape/mode/case`, so each table puts 
 implementations side by side; `extra_info["implementation"]` names the process's one.
 """
 
-import os
-
 import pytest
 
 import cases
+from fusedlstm.kernels.cpu.threads import usable_cpus
 
-# torch.nn.LSTM and ONNX Runtime run on the CPUs this process may use, as the kernels do.
-THREADS = len(os.sched_getaffinity(0))
+# ONNX Runtime runs on as many threads as the fused kernels do by default.
+THREADS = usable_cpus()
 
 
 def keras_backend():
