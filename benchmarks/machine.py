@@ -146,8 +146,6 @@ def library_versions():
 def thread_counts():
     """Threads each loaded runtime will use: Numba's, and torch's or TensorFlow's."""
     threads = {}
-    if "fusedlstm.kernels.cpu.threads" in sys.modules:
-        threads["fusedlstm_kernels"] = sys.modules["fusedlstm.kernels.cpu.threads"].thread_count()
     if "numba" in sys.modules:
         import numba
 

@@ -63,9 +63,15 @@ def run_all(select):
     (the result file keeps each row's median, spread and rounds)."""
     raw = tempfile.mkdtemp(prefix="fusedlstm-bench-raw-")
     return {name: run_suite(tests, framework,
-                            os.path.join(raw, name.replace("/", "-") + ".json"), select,
+                            os.path.join(raw, name.replace("/", "-") + ".json"),
+                            with_peak(select) if PEAK in tests else select,
                             keras_backend=backend)
             for name, (tests, framework, backend) in PROCESSES.items()}
+
+
+def with_peak(select):
+    """A `-k` expression that keeps the peak sgemm (every row's floor needs it)."""
+    return f"({select}) or peak_sgemm" if select else None
 
 
 def result_rows(runs, peak):
