@@ -8,7 +8,7 @@ import machine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-FRAMEWORKS = ("fusedlstm", "keras", "torch")
+FRAMEWORKS = ("fusedlstm", "keras", "torch", "onnxruntime")
 
 # Spins until stopped or until the process that started it is gone, so that it
 # can never outlive the benchmark.
@@ -23,7 +23,8 @@ while os.getppid() == parent:
 
 def pytest_addoption(parser):
     parser.addoption("--framework", choices=FRAMEWORKS, default="fusedlstm",
-                     help="the one framework this process times")
+                     help="the one implementation this process times (the Keras layers on "
+                          "KERAS_BACKEND's backend)")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ import sys
 import threadpoolctl
 
 DISTRIBUTIONS = ("numpy", "scipy", "numba", "llvmlite", "threadpoolctl", "keras",
-                 "tensorflow-cpu", "tensorflow", "torch", "pytest-benchmark")
+                 "tensorflow-cpu", "tensorflow", "torch", "jax", "jaxlib", "onnx", "onnxruntime",
+                 "pytest-benchmark")
 # Vector extensions that decide which GEMM and gate-math code paths a CPU gets.
 VECTOR_FLAG = re.compile(r"^(avx2|fma|avx_vnni|avx512.*|amx.*)$")
 # Variables that change threading, BLAS kernels or the frameworks' CPU paths.
@@ -29,6 +30,7 @@ def describe():
     return {
         "cpu_model": cpu_model(),
         "cpu_id": cpu_id(),
+        "cpu": cpu_identity(),
         "cpu_vector_flags": cpu_vector_flags(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
@@ -56,9 +58,9 @@ def summary(facts):
 
 
 def threads_summary(facts):
-    """One line per framework process: its threads and the BLAS it links itself."""
+    """One line per process: its threads and the BLAS it links itself."""
     lines = []
-    for name, own in facts.get("by_framework", {}).items():
+    for name, own in facts.get("by_process", {}).items():
         threads = dict(own["threads"])
         torch_blas = threads.pop("torch_blas", None)
         if torch_blas:
@@ -84,14 +86,36 @@ def cpu_model():
 def cpu_id():
     """Vendor, family, model and stepping: virtual machines often report a model name
     as bare as "AMD EPYC", and these still tell the CPU generations apart."""
+    cpu = cpu_identity()
+    return (f"{cpu['vendor_id']} family {cpu['family']} model {cpu['model']} "
+            f"stepping {cpu['stepping']}")
+
+
+def cpu_identity():
+    """/proc/cpuinfo's vendor_id, cpu family, model, stepping and model name; on Arm its
+    CPU implementer, architecture, part and variant in their places; "?" where it has none."""
     info = _cpuinfo()
 
-    def field(name):
-        found = re.search(rf"^{name}\s*:\s*(.+)$", info, re.MULTILINE)
-        return found.group(1).strip() if found else "?"
+    def field(*names):
+        for name in names:
+            found = re.search(rf"^{name}\s*:\s*(.+)$", info, re.MULTILINE)
+            if found:
+                return found.group(1).strip()
+        return "?"
 
-    return (f"{field('vendor_id')} family {field('cpu family')} model {field('model')} "
-            f"stepping {field('stepping')}")
+    return {"vendor_id": field("vendor_id", "CPU implementer"),
+            "family": field("cpu family", "CPU architecture"),
+            "model": field("model", "CPU part"), "stepping": field("stepping", "CPU variant"),
+            "model_name": field("model name") if "model name" in info else cpu_model()}
+
+
+def cpu_file_stem(cpu):
+    """`cpu-<vendor>-<family>-<model>`, e.g. cpu-amd-25-17 for an AuthenticAMD family 25
+    model 17: the name of one CPU model's result files."""
+    vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(
+        cpu["vendor_id"], re.sub(r"[^a-z0-9]+", "", cpu["vendor_id"].lower()) or "unknown")
+    return "-".join(["cpu", vendor] + [re.sub(r"[^A-Za-z0-9]+", "", cpu[key]) or "unknown"
+                                      for key in ("family", "model")])
 
 
 def cpu_vector_flags():

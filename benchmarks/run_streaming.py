@@ -2,7 +2,7 @@
 every round, and writes the merged JSON and a Markdown table to `streaming-<date>.json` /
 `.md`.
 
-    python benchmarks/run_streaming.py [--out benchmarks/results] [-k EXPR]
+    python benchmarks/run_streaming.py [--out benchmarks/results] [-k EXPR] [--quick]
 
 One process's median moves by 20-40% from run to run on a shared 2-core machine, more
 than the layers differ, so the frameworks alternate round by round and the table gives
@@ -54,8 +54,8 @@ def markdown_table(rounds, facts):
 def main():
     args = runner_arguments(__doc__)
     rounds, runs = [], []
-    for round_ in range(ROUNDS):
-        this_round = {name: run_suite("test_streaming.py", name,
+    for round_ in range(1 if args.quick else ROUNDS):
+        this_round = {name: run_suite(["test_streaming.py"], name,
                                       os.path.join(args.out, f"raw-streaming-{name}.json"),
                                       args.select, keras_backend="tensorflow")
                       for name in FRAMEWORKS}

@@ -1,111 +1,140 @@
-"""Where the fused layer's CPU time goes, per shape: the layer itself and each part
-of it timed alone, in one process (`--framework fusedlstm`, TensorFlow).
+"""Where the fused layer's CPU time goes, per shape: the layer, its kernels, and the rest.
 
-Parts: the forward kernel (`fusedlstm.kernels.cpu.forward`, the input
-projection included, without and with saving for training), the backward kernel
-(`backward`: the input and weight gradients included), and the cell math alone
-(the kernels' own row functions over every row and step, one thread).
-`kernel_report.py` subtracts: framework glue = the layer - its kernels.
+On the CPU one driver call per direction owns the whole layer (input projection,
+recurrence, every gradient), so the layer's time is the kernels' plus what the
+framework spends around them. Three figures per shape and mode, each measured once,
+in one process (`--framework fusedlstm`, TensorFlow backend, no mask, no dropout):
+
+- `layer`: the fused layer in a `tf.function`: the forward pass, or (train) the
+  forward and backward passes, the outputs' gradient given (`output_gradients`);
+- `kernel`: the drivers `fusedlstm.kernels.cpu.drivers.forward` (and `backward`) on
+  NumPy arrays holding the same problem, on one thread and on all of them;
+- `outside_kernel`: the layer again, with every reference to the drivers replaced by
+  stubs returning their results, computed beforehand: the per-call overhead outside
+  the kernels, timed directly rather than as a difference of two noisy times. The
+  stubs count their calls: one forward (and, in training, one backward) call per
+  layer call, as the layer promises.
+
+`kernel_report.py` sets them side by side with the GFLOP/s of the kernels against the
+machine's peak sgemm (`test_cpu_gemm.py`).
 """
 
-import functools
+import contextlib
+import sys
 
-import numba
-import numpy as np
 import pytest
 
 import cases
 
-ROUNDS = 7
+THREADS = {"1thread": 1, "all_threads": None}  # None: the kernels' own thread count
 
 
-def part(benchmark, shape, mode, name, run):
+def part(benchmark, shape, mode, name, run, **info):
     benchmark.group = f"{shape}/breakdown"
-    benchmark.name = f"{mode}/{name}"
-    benchmark.extra_info.update(shape=shape, mode=mode, part=name, NTCH=cases.SHAPES[shape],
-                                numba_threads=numba.get_num_threads())
-    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2, iterations=1)
+    benchmark.name = "/".join([mode, name] + [str(v) for v in info.values()])
+    benchmark.extra_info.update(kind="breakdown", shape=shape, mode=mode, part=name,
+                                NTCH=cases.SHAPES[shape],
+                                flops=cases.layer_flops(cases.SHAPES[shape], mode), **info)
+    benchmark.pedantic(run, rounds=cases.ROUNDS, warmup_rounds=cases.WARMUP_ROUNDS,
+                       iterations=1)
 
 
 @pytest.fixture(scope="module", params=sorted(cases.SHAPES))
 def problem(request, framework):
     if framework != "fusedlstm":
         pytest.skip("the breakdown is of the fused layer (--framework fusedlstm)")
+    cases.load_fused_kernels()
     return request.param, cases.KernelProblem(request.param)
+
+
+def make_layer_step(shape, mode, d_outputs):
+    """The fused layer at `shape` in a `tf.function`: forward, or forward and backward
+    with `d_outputs` as the outputs' gradient; returns NumPy arrays."""
+    import tensorflow as tf
+
+    import fusedlstm
+
+    layer, x, _, _ = cases.keras_layer(fusedlstm.LSTM, cases.SHAPES[shape], "plain")
+    x_t, d_outputs_t = tf.constant(x), tf.constant(d_outputs)
+
+    @tf.function
+    def forward():
+        return layer(x_t, training=False)
+
+    @tf.function
+    def train_step():
+        with tf.GradientTape() as tape:
+            y = layer(x_t, training=True)
+        return tape.gradient(y, layer.trainable_weights, output_gradients=d_outputs_t)
+
+    step = train_step if mode == "train" else forward
+    return lambda: tf.nest.map_structure(lambda t: t.numpy(), step())
 
 
 @pytest.mark.parametrize("mode", cases.MODES)
 def test_layer(benchmark, problem, mode):
-    import fusedlstm
+    shape, p = problem
+    part(benchmark, shape, mode, "layer", make_layer_step(shape, mode, p.d_outputs))
 
-    shape, _ = problem
-    part(benchmark, shape, mode, "layer",
-         cases.make_keras(fusedlstm.LSTM, cases.SHAPES[shape], mode, "plain"))
+
+@pytest.mark.parametrize("threads", sorted(THREADS))
+@pytest.mark.parametrize("mode", cases.MODES)
+def test_kernel(benchmark, problem, mode, threads):
+    from fusedlstm.kernels.cpu.threads import set_thread_count, thread_count
+
+    shape, p = problem
+    set_thread_count(THREADS[threads])
+    try:
+        run = p.train_step if mode == "train" else lambda: p.forward(training=False)
+        part(benchmark, shape, mode, "kernel", run, threads=threads, thread_count=thread_count())
+    finally:
+        set_thread_count(None)
 
 
 @pytest.mark.parametrize("mode", cases.MODES)
-def test_forward_kernel(benchmark, problem, mode):
+def test_outside_kernel(benchmark, problem, mode):
     shape, p = problem
-    part(benchmark, shape, mode, "forward", lambda: p.forward(training=mode == "train"))
+    step = make_layer_step(shape, mode, p.d_outputs)
+    step()  # traced with the real drivers
+    with stubbed_drivers(p) as calls:
+        step()
+        want = {"forward": 1, "backward": 1 if mode == "train" else 0}
+        assert calls == want, f"one layer call made driver calls {calls}; expected {want}"
+        part(benchmark, shape, mode, "outside_kernel", step)
 
 
-def test_backward_kernel(benchmark, problem):
-    shape, p = problem
-    part(benchmark, shape, "train", "backward", p.backward)
+@contextlib.contextmanager
+def stubbed_drivers(p):
+    """Replaces every reference to the drivers `forward` and `backward` in fusedlstm's
+    modules with stubs that return `p`'s results, computed here by the real drivers.
 
-
-def test_cell_math(benchmark, problem):
-    shape, p = problem
-    N, T, H = p.outputs.shape
-    xw = np.zeros((N * T, 4 * H), np.float32)
-    z, bias = np.zeros((N, 4 * H), np.float32), np.zeros(4 * H, np.float32)
-    out, h, gates = np.empty_like(p.outputs), np.empty((N, H), np.float32), np.empty((N, 0, 4 * H), np.float32)
-    forward, _ = cell_math_loops(*p.codes)
-    part(benchmark, shape, "fwd", "cell_math",
-         lambda: forward(xw, bias, z, p.zeros.copy(), h, out, gates))
-
-
-def test_cell_math_backward(benchmark, problem):
-    shape, p = problem
-    _, c_seq, gates = p.saved
-    N, T, H = p.outputs.shape
-    d_xw = np.empty((N * T, 4 * H), np.float32)
-    carried, dh = np.zeros_like(p.zeros), np.zeros_like(p.zeros)
-    _, backward = cell_math_loops(*p.codes)
-    part(benchmark, shape, "train", "cell_math_backward",
-         lambda: backward(gates, c_seq, p.d_outputs, carried, dh, p.zeros.copy(), d_xw))
-
-
-@functools.cache
-def cell_math_loops(activation, recurrent_activation):
-    """`(forward, backward)`: the kernels' own cell-math row functions over every row and
-    step, specialized on the activation pair as the kernels are, without the GEMMs.
-
-    Built on first use, so that collecting this file imports no framework.
+    Yields:
+        {"forward": calls, "backward": calls}: how often each stub was called.
     """
-    from fusedlstm.kernels.cpu import steps
+    from fusedlstm.kernels.cpu import drivers
 
-    cell_forward, cell_backward = steps._cell_row_forward, steps._cell_row_backward
+    results = {training: p.forward(training) for training in (False, True)}
+    gradients = p.backward(results[True][3])
+    calls = {"forward": 0, "backward": 0}
 
-    @numba.njit(error_model="numpy")
-    def forward(xw, bias, z, c, h, outputs, gates):
-        """Forward cell math of all [N, T] rows and steps, pre-activations `xw` [N*T, 4H]
-        (+ z = 0 + bias)."""
-        N, T, _ = outputs.shape
-        width = z.shape[1] // 4
-        for t in range(T):
-            for n in range(N):
-                cell_forward(xw, n * T + t, bias, z, n, width, c, h, n, t, outputs, gates,
-                             activation, recurrent_activation)
+    def forward(*args, **kwargs):
+        calls["forward"] += 1
+        return results[bool(args[12] if len(args) > 12 else kwargs["training"])]
 
-    @numba.njit(error_model="numpy")
-    def backward(gates, c_seq, d_outputs, carried, dh, dc, d_xw):
-        """Backward cell math of all [N, T] rows and steps, in reverse time, into d_xw
-        [N*T, 4H]."""
-        N, T, _ = d_outputs.shape
-        for t in range(T - 1, -1, -1):
-            for n in range(N):
-                cell_backward(n, t, n, n * T + t, gates, c_seq, d_outputs, carried, dh, dc,
-                              d_xw, activation, recurrent_activation)
+    def backward(*args, **kwargs):
+        calls["backward"] += 1
+        return gradients
 
-    return forward, backward
+    stubs = {drivers.forward: forward, drivers.backward: backward}
+    replaced = [(module, name, stubs[value]) for module in list(sys.modules.values())
+                if getattr(module, "__name__", "").startswith("fusedlstm")
+                for name, value in list(vars(module).items())
+                if value is drivers.forward or value is drivers.backward]
+    originals = [getattr(module, name) for module, name, _ in replaced]
+    for module, name, stub in replaced:
+        setattr(module, name, stub)
+    try:
+        yield calls
+    finally:
+        for (module, name, _), original in zip(replaced, originals):
+            setattr(module, name, original)

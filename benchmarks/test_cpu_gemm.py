@@ -1,19 +1,22 @@
-"""The fused CPU kernels against the machine's fastest sgemm doing the same FLOPs.
+"""The machine's sgemm rates: the peak, and the GEMMs of the layer at each shape.
 
-Per shape, the GEMMs the layer cannot avoid, each library on one thread
-and on all of them:
+`test_peak_sgemm`: one large square product on every usable thread, NumPy
+(OpenBLAS) and torch (MKL): the best of them is the machine's measured peak, from
+which the floor of every shape is computed (`run_cpu.py`, `kernel_report.py`).
 
-- `projection`: [N*T, C] @ [C, 4H], the input projection;
+`test_gemm`: per shape, the GEMMs the layer cannot avoid, each library on one thread
+and on all of them; together they do the layer's FLOPs (forward: `projection` +
+`forward`; training: all five):
+
+- `projection`: [N*T, C] @ [C, 4H]; `input_grad`: [N*T, 4H] @ [4H, C];
 - `forward`: T per-step products [N, H] @ [H, 4H];
 - `backward_dh`: T per-step products [N, 4H] @ [4H, H];
-- `backward_dx`: [N*T, 4H] @ [4H, C], the inputs' gradient;
 - `weight_grads`: [C, T*N] @ [T*N, 4H] and [H, T*N] @ [T*N, 4H].
 
-NumPy and SciPy (`blas.sgemm`) run with `--framework fusedlstm`, which also
-times the kernels (`forward` without saving; `forward` with saving plus
-`backward`); `torch.mm` runs with `--framework torch`, in its own process.
-`kernel_report.py` turns the medians into GFLOP/s and the kernel's time over
-the fastest library's.
+NumPy and SciPy (`blas.sgemm`) run with `--framework fusedlstm` or `onnxruntime`,
+`torch.mm` with `--framework torch`, in its own process. `kernel_report.py` turns
+the medians into GFLOP/s and sets the kernels' time (`test_cpu_breakdown.py`)
+against the fastest library's.
 """
 
 import contextlib
@@ -25,18 +28,34 @@ import threadpoolctl
 
 import cases
 
-ROUNDS = 7
 THREADS = {"1thread": 1, "all_threads": len(os.sched_getaffinity(0))}
-LIBRARIES = {"fusedlstm": ("numpy", "scipy"), "torch": ("torch",), "keras": ()}
+LIBRARIES = {"fusedlstm": ("numpy", "scipy"), "onnxruntime": ("numpy",), "torch": ("torch",),
+             "keras": ()}
+GEMMS = ("projection", "forward", "backward_dh", "input_grad", "weight_grads")
+PEAK_SIZE = 256 if cases.QUICK else 2048
+EPS32 = float(np.finfo(np.float32).eps)
 
 
 def gemm_flops(shape, gemm):
     N, T, C, H = cases.SHAPES[shape]
-    if gemm == "weight_grads":
-        return 2 * T * N * (C + H) * 4 * H
-    if gemm in ("projection", "backward_dx"):
-        return 2 * T * N * C * 4 * H
-    return 2 * T * N * H * 4 * H
+    depth = {"projection": C, "input_grad": C, "forward": H, "backward_dh": H,
+             "weight_grads": C + H}[gemm]
+    return 2 * T * N * depth * 4 * H
+
+
+def float32_rounding_allowance(ref, terms):
+    """What float32 rounding may move a sum of `terms` products by: eps32 * (8 + 2 *
+    sqrt(terms)) * max(1, max|ref|), the error model of `tests/parity.py` (which
+    explains it): an error growing like sqrt(terms), in any summation order."""
+    return EPS32 * (8 + 2 * np.sqrt(terms)) * max(1.0, np.abs(ref).max(initial=0))
+
+
+def assert_product_close(a, b, out):
+    """`out` is `a @ b` within float32 rounding of a sum as deep as `a`'s rows are long."""
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    error = np.abs(out - ref).max(initial=0)
+    allowed = float32_rounding_allowance(ref, a.shape[1])
+    assert error <= allowed, f"product off by {error:.3g} (float32 rounding allows {allowed:.3g})"
 
 
 def operands(shape, gemm):
@@ -47,16 +66,16 @@ def operands(shape, gemm):
     def normal(*dims):
         return rng.standard_normal(dims).astype(np.float32)
 
+    if gemm in ("projection", "input_grad"):
+        depth, width = (C, 4 * H) if gemm == "projection" else (4 * H, C)
+        return [(normal(N * T, depth), normal(depth, width),
+                 np.empty((N * T, width), np.float32))]
     if gemm == "forward":
         a, b = normal(N, H), normal(H, 4 * H)
         return [(a, b, np.empty((N, 4 * H), np.float32))] * T
     if gemm == "backward_dh":
         a, b = normal(N, 4 * H), normal(4 * H, H)
         return [(a, b, np.empty((N, H), np.float32))] * T
-    if gemm == "projection":
-        return [(normal(N * T, C), normal(C, 4 * H), np.empty((N * T, 4 * H), np.float32))]
-    if gemm == "backward_dx":
-        return [(normal(N * T, 4 * H), normal(4 * H, C), np.empty((N * T, C), np.float32))]
     d_xw = normal(T * N, 4 * H)
     return [(np.ascontiguousarray(normal(T * N, K).T), d_xw, np.empty((K, 4 * H), np.float32))
             for K in (C, H)]
@@ -114,9 +133,29 @@ def torch_threads(threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_peak_sgemm(benchmark, framework, library):
+    """A [PEAK_SIZE, PEAK_SIZE] square product on every usable thread."""
+    if library not in LIBRARIES[framework]:
+        pytest.skip(f"{library} is timed in another process")
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((PEAK_SIZE, PEAK_SIZE)).astype(np.float32) for _ in "ab")
+    products = [(a, b, np.empty_like(a))]
+    run = RUNNERS[library](products)
+    threads = THREADS["all_threads"]
+    with thread_limit(library, threads):
+        run()
+        assert_product_close(*products[0])
+        benchmark.group = "peak_sgemm"
+        benchmark.name = f"{library}/{threads}"
+        benchmark.extra_info.update(kind="peak", library=library, threads=threads,
+                                    size=PEAK_SIZE, flops=2 * PEAK_SIZE ** 3)
+        benchmark.pedantic(run, rounds=cases.ROUNDS, warmup_rounds=cases.WARMUP_ROUNDS,
+                           iterations=1)
+
+
 @pytest.mark.parametrize("threads", sorted(THREADS))
-@pytest.mark.parametrize("gemm", ["projection", "forward", "backward_dh", "backward_dx",
-                                  "weight_grads"])
+@pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("library", ["numpy", "scipy", "torch"])
 @pytest.mark.parametrize("shape", sorted(cases.SHAPES))
 def test_gemm(benchmark, framework, shape, library, gemm, threads):
@@ -124,41 +163,14 @@ def test_gemm(benchmark, framework, shape, library, gemm, threads):
         pytest.skip(f"{library} is timed in another process")
     products = operands(shape, gemm)
     run = RUNNERS[library](products)
-    a, b, out = products[0]
     run()
-    want = a.astype(np.float64) @ b
-    # float32 rounding of a sum of a.shape[1] products (the error model of tests/parity.py)
-    allowed = np.finfo(np.float32).eps * (8 + 2 * np.sqrt(a.shape[1])) * np.abs(want).max()
-    assert np.abs(out - want).max() <= allowed
+    # The per-step GEMMs repeat one product T times.
+    for a, b, out in products[:1] if gemm in ("forward", "backward_dh") else products:
+        assert_product_close(a, b, out)
     benchmark.group = f"{shape}/gemm/{gemm}"
     benchmark.name = f"{library}/{threads}"
     benchmark.extra_info.update(shape=shape, kind="gemm", library=library, gemm=gemm,
                                 threads=THREADS[threads], flops=gemm_flops(shape, gemm))
     with thread_limit(library, THREADS[threads]):
-        benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2, iterations=1)
-
-
-@pytest.mark.parametrize("threads", sorted(THREADS))
-@pytest.mark.parametrize("mode", cases.MODES)
-@pytest.mark.parametrize("shape", sorted(cases.SHAPES))
-def test_kernel(benchmark, framework, shape, mode, threads):
-    if framework != "fusedlstm":
-        pytest.skip("the kernels are timed with --framework fusedlstm")
-    from fusedlstm.kernels.cpu.threads import set_thread_count
-
-    p = cases.KernelProblem(shape)
-    if mode == "train":
-        def run():
-            p.forward(training=True)
-            p.backward()
-    else:
-        def run():
-            p.forward(training=False)
-    benchmark.group = f"{shape}/gemm/kernel"
-    benchmark.name = f"kernel_{mode}/{threads}"
-    benchmark.extra_info.update(shape=shape, kind="kernel", mode=mode, threads=THREADS[threads])
-    set_thread_count(THREADS[threads])
-    try:
-        benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2, iterations=1)
-    finally:
-        set_thread_count(None)
+        benchmark.pedantic(run, rounds=cases.ROUNDS, warmup_rounds=cases.WARMUP_ROUNDS,
+                           iterations=1)

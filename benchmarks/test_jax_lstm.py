@@ -2,9 +2,9 @@
 
 Both layers run jitted (`jax.jit` around `stateless_call`, as Keras's JAX
 trainer does): `fwd` is `training=False`, `train` the gradient of a sum of
-squares with respect to the three weights. Run one framework per process
-(`--framework fusedlstm|keras`) with `KERAS_BACKEND=jax`; `run_jax.py` runs
-both and writes the comparison.
+squares with respect to the three weights; the plain rows only. Run one layer
+per process (`--framework fusedlstm|keras`) with `KERAS_BACKEND=jax`;
+`run_cpu.py` runs both with the other implementations and writes the comparison.
 """
 
 import os
@@ -26,11 +26,7 @@ import fusedlstm
 
 def make_jitted(layer_class, shape, mode, case):
     """A jitted step of `layer_class` holding the case's weights; blocks on its result."""
-    x, mask, weights = cases.problem(shape, case)
-    kwargs = {"recurrent_dropout": 0.2} if case == "recurrent_dropout" else {}
-    layer = layer_class(shape[3], return_sequences=True, **kwargs)
-    layer.build(x.shape)
-    layer.set_weights(weights)
+    layer, x, mask, weights = cases.keras_layer(layer_class, shape, case)
     trainable = [v.value for v in layer.trainable_variables]
     non_trainable = [v.value for v in layer.non_trainable_variables]
     x_j = jnp.asarray(x)
@@ -47,17 +43,29 @@ def make_jitted(layer_class, shape, mode, case):
     return lambda: jax.block_until_ready(step(trainable, x_j))
 
 
-@pytest.mark.parametrize("case", cases.CASES)
-@pytest.mark.parametrize("mode", cases.MODES)
-@pytest.mark.parametrize("shape", sorted(cases.SHAPES))
-def test_lstm_speed_jax(benchmark, framework, shape, mode, case):
-    if framework == "torch":
-        pytest.skip("torch.nn.LSTM is timed by test_cpu_lstm.py")
+@pytest.mark.parametrize("shape,mode", [(s, m) for s, m, case in cases.ROWS
+                                         if case == "plain"])
+def test_lstm_speed_jax(benchmark, framework, shape, mode):
+    if framework not in ("fusedlstm", "keras"):
+        pytest.skip(f"{framework} is timed by test_cpu_lstm.py")
+    if framework == "fusedlstm":
+        cases.load_fused_kernels()
     layer_class = fusedlstm.LSTM if framework == "fusedlstm" else keras.layers.LSTM
-    run = make_jitted(layer_class, cases.SHAPES[shape], mode, case)
-    benchmark.group = f"{shape}/{mode}/{case}"
-    benchmark.name = framework
+    run = make_jitted(layer_class, cases.SHAPES[shape], mode, "plain")
+    benchmark.group = f"{shape}/{mode}/plain"
+    benchmark.name = f"jax/{framework}"
     benchmark.extra_info.update(
-        framework=framework, shape=shape, mode=mode, case=case, NTCH=cases.SHAPES[shape],
-        keras=keras.__version__, jax=jax.__version__)
-    benchmark.pedantic(run, rounds=7, warmup_rounds=2, iterations=1)
+        implementation=f"jax/{framework}", framework=framework, shape=shape, mode=mode,
+        case="plain", NTCH=cases.SHAPES[shape], flops=cases.layer_flops(cases.SHAPES[shape], mode),
+        threads=threads_used(framework))
+    benchmark.pedantic(run, rounds=cases.ROUNDS, warmup_rounds=cases.WARMUP_ROUNDS,
+                       iterations=1)
+
+
+def threads_used(framework):
+    """The fused kernels' threads; XLA's CPU client sizes its pool to the machine."""
+    if framework != "fusedlstm":
+        return {}
+    from fusedlstm.kernels.cpu.threads import thread_count
+
+    return {"fusedlstm_kernels": thread_count()}

@@ -103,4 +103,5 @@ def test_streaming_step_latency(benchmark, framework, variant):
     benchmark.name = f"{framework}-{variant}"
     benchmark.extra_info.update(framework=framework, variant=variant, NCH=(N, C, H),
                                 **versions(framework))
-    benchmark.pedantic(step, rounds=500, warmup_rounds=50, iterations=1)
+    benchmark.pedantic(step, rounds=20 if cases.QUICK else 500,
+                       warmup_rounds=5 if cases.QUICK else 50, iterations=1)
