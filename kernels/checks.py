@@ -28,6 +28,8 @@ import numpy as np
 __all__ = ["check_backward", "check_forward", "check_layer_backward", "check_layer_forward"]
 
 
+_NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bool": np.dtype(np.bool_)}
+
 def check_forward(xw, recurrent_kernel, h0, c0, mask, recurrent_mask, contiguous=True):
     """Checks the forward drivers' inputs; returns `(N, T, H)`.
 
@@ -193,6 +195,9 @@ def _check(name, array, expected, layout, dtype, dims, contiguous):
 
 
 def _check_dtype_and_layout(name, array, dtype, contiguous):
+    if type(array) is np.ndarray:  # the CPU drivers' case, on every call: without the lookups
+        if array.dtype == _NUMPY_DTYPES[dtype] and (array.flags.c_contiguous or not contiguous):
+            return
     received = _dtype_name(array)
     if received != dtype:
         raise ValueError(f"Expected `{name}` of dtype {dtype}. Received: {name}.dtype={received}")
@@ -203,6 +208,8 @@ def _check_dtype_and_layout(name, array, dtype, contiguous):
 
 
 def _shape(array):
+    if type(array) is np.ndarray:
+        return array.shape
     return tuple(int(d) for d in array.shape)
 
 

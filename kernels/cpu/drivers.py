@@ -170,20 +170,35 @@ def warm_up(activation, recurrent_activation, training=True):
     return compiled, kernels[0].stats.cache_path
 
 
-def aligned_empty(shape, alignment=64):
-    """An uninitialized float32 array whose data is 64-byte aligned: TensorFlow
-    adopts such a callback result without copying it."""
-    size = int(np.prod(shape)) * 4
-    buffer = np.empty(size + alignment, np.uint8)
-    start = -buffer.ctypes.data % alignment
-    return buffer[start:start + size].view(np.float32).reshape(shape)
+def aligned_empty(shapes, alignment=64):
+    """Uninitialized float32 arrays of `shapes`, each 64-byte aligned (TensorFlow adopts
+    such a callback result without copying it), cut from one allocation.
+
+    One allocation per call, not one per result: finding a buffer's address from
+    Python costs microseconds, which small problems pay on every call. The
+    arrays keep the whole buffer alive until the last of them goes.
+    """
+    nbytes = []
+    for shape in shapes:
+        size = 4
+        for dim in shape:
+            size *= dim
+        nbytes.append(size)
+    buffer = np.empty(sum(-(-n // alignment) * alignment for n in nbytes) + alignment, np.uint8)
+    start = -buffer.__array_interface__["data"][0] % alignment
+    arrays = []
+    for shape, size in zip(shapes, nbytes):
+        arrays.append(buffer[start:start + size].view(np.float32).reshape(shape))
+        start += -(-size // alignment) * alignment
+    return arrays
 
 
 def _results(shapes, out):
     """The arrays a driver writes its results into: `out`, checked, or new aligned ones."""
     if out is None:
-        return [aligned_empty(shape) for shape in shapes]
-    out = list(out)[:len(shapes)] + [aligned_empty(s) for s in shapes[len(out):]]
+        return aligned_empty(shapes)
+    out = list(out)[:len(shapes)]
+    out += aligned_empty(shapes[len(out):])
     for array, shape in zip(out, shapes):
         if (array.shape != tuple(shape) or array.dtype != np.float32
                 or not array.flags.c_contiguous or not array.flags.writeable):
